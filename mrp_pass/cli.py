@@ -1,0 +1,78 @@
+"""The `mrp` command line: prune, eval, export, bench (and `run`, the whole pipeline)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="short name, HF directory, .gguf file or hub id")
+    p.add_argument("--sparsity", default="2:4", help="'N:M' (keep N of M) or a pruned fraction like 0.5")
+    p.add_argument("--method", default="mrp", help="magnitude | wanda | sparsegpt | mrp-s | mrp-m | mrp")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--device", default=None, help="calibration device (default: cuda if available, else cpu)")
+    p.add_argument("--out", required=True, help="output directory (HF save_pretrained layout + report.json)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=16, help="quick slice: first N test windows")
+    p.add_argument("--full", action="store_true", help="whole test split at 2048 tokens")
+    p.add_argument("--device", default=None)
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True)
+    p.add_argument("--format", choices=["onnx", "tensorrt", "compressed"], required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default=None, help="float32 | float16 (default: float32 for onnx, float16 otherwise)")
+    p.add_argument("--seqlen", type=int, default=128, help="example input length for tracing")
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine", required=True)
+    p.add_argument("--dense", default=None, help="dense engine to compare against in the same run")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
+    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="directory for bench.json and bench.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mrp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, add, help_ in [
+        ("prune", _prune_args, "prune a model and save it with a report"),
+        ("eval", _eval_args, "WikiText-2 perplexity of a model"),
+        ("export", _export_args, "export a pruned model to ONNX, TensorRT or a compressed checkpoint"),
+        ("bench", _bench_args, "latency of an engine, optionally against a dense one"),
+    ]:
+        add(sub.add_parser(name, help=help_))
+    args = parser.parse_args(argv)
+    try:
+        if args.command in ("prune", "eval"):
+            from . import commands
+
+            return getattr(commands, f"cmd_{args.command}")(args)
+        if args.command == "export":
+            from export.cli import cmd_export
+
+            return cmd_export(args)
+        from runtime.cli import cmd_bench
+
+        return cmd_bench(args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
+        print(f"mrp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

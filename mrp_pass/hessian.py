@@ -1,0 +1,65 @@
+"""The calibration statistic H = 2/N sum x x^T of a linear layer's inputs, and its damped inverse."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Hessian:
+    """Streaming H = 2/N * sum_t x_t x_t^T over every token t of every batch fed to `add`.
+
+    A running average (as SparseGPT keeps) so that the entries stay O(|x|^2) however many tokens
+    are seen; any batch shape `[..., in_features]` is accepted."""
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"Hessian dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.matrix = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor) -> None:
+        if x.shape[-1] != self.matrix.shape[0]:
+            raise ValueError(f"input of width {x.shape[-1]} fed to a Hessian of width {self.matrix.shape[0]}")
+        x = x.reshape(-1, x.shape[-1]).to(self.matrix)
+        if not torch.isfinite(x).all():
+            raise FloatingPointError("calibration activations contain NaN or Inf")
+        t = x.shape[0]
+        if t == 0:
+            return
+        self.matrix.mul_(self.nsamples / (self.nsamples + t))
+        self.nsamples += t
+        x = x * (2.0 / self.nsamples) ** 0.5
+        self.matrix.addmm_(x.T, x)
+
+
+def damped_inverse(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
+    """(H + lambda I)^-1 with lambda = percdamp * mean(diag H), found by Cholesky.
+
+    Dead inputs (zero diagonal: the input is always 0) get a unit diagonal so H stays invertible.
+    When the factorisation fails, lambda grows tenfold (with a warning) up to `max_tries` times."""
+    h = hessian.clone()
+    diag = h.diagonal()
+    dead = diag == 0
+    diag[dead] = 1.0
+    mean = diag.mean().item()
+    if not torch.isfinite(h).all():
+        raise FloatingPointError("the Hessian contains NaN or Inf; check the calibration inputs")
+    damp = percdamp * mean
+    for attempt in range(max_tries):
+        chol, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        if info.item() == 0:
+            inv = torch.cholesky_inverse(chol)
+            if torch.isfinite(inv).all():
+                return inv
+        new = damp * 10 if damp > 0 else 1e-8 * max(mean, 1e-30)
+        log.warning("Cholesky of H failed with damping %.3g (attempt %d); retrying with %.3g", damp, attempt + 1, new)
+        damp = new
+    raise torch.linalg.LinAlgError(
+        f"H is not positive definite even with damping {damp:.3g} (= {damp / max(mean, 1e-30):.3g} x mean diag); "
+        "use more calibration data or a larger percdamp"
+    )

@@ -1,0 +1,255 @@
+"""Layer-wise pruning solvers: magnitude, Wanda, SparseGPT and MRP Solutions S and M.
+
+Notation (Zhao et al., EMNLP 2024 Findings, arXiv 2410.15567): a layer's weight W has one row per
+output and one column per input; H = 2/N X X^T over its calibration inputs X. Removing the set P of a
+row w, with every other (still free) weight of the row updated, costs
+
+    loss = 1/2 w_P [(H^-1)_PP]^-1 w_P^T,    dw = -w_P [(H^-1)_PP]^-1 (H^-1)_{P,:}      (Solution M)
+
+and Solution S keeps only the diagonal of (H^-1)_PP (a sum of independent OBS updates). SparseGPT
+removes one column at a time and freezes it. Every solver sweeps the columns in blocks; columns left
+of the block are frozen, so the inverse Hessian of the free columns R is (H_RR)^-1 = U_RR^T U_RR with
+U the upper Cholesky factor of H^-1: blocks never refactorise H (the SparseGPT trick).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .hessian import damped_inverse
+from .sparsity import Sparsity, parse_sparsity
+
+METHODS = ("magnitude", "wanda", "sparsegpt", "mrp-s", "mrp-m", "mrp")
+MASK_RULES = ("obs", "sparsegpt", "group")
+
+
+@dataclass
+class SolveResult:
+    weight: torch.Tensor  # pruned, compensated; dtype and device of the input weight
+    mask: torch.Tensor  # bool, True where a weight is kept
+    loss: float  # 1/2 tr(dW H dW^T) with the undamped H given (= ||dW X||^2 when H = 2 X X^T)
+    relative_error: float  # ||dW X||^2 / ||W X||^2
+    seconds: float
+
+
+def layer_loss(dw: torch.Tensor, hessian: torch.Tensor) -> float:
+    """1/2 tr(dW H dW^T) in float64."""
+    dw, h = dw.double(), hessian.double()
+    return 0.5 * float(((dw @ h) * dw).sum())
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks chosen inside a block from the current (already updated) weights W1 and the block's
+# inverse Hessian of the free columns, A = U1^T U1 (U1 = U[B, B]).
+
+
+def mask_obs(w1: torch.Tensor, u1: torch.Tensor, sp: Sparsity) -> torch.Tensor:
+    """Keep the largest OBS scores w_j^2 / A_jj in every group (all of the block decided at once)."""
+    a_diag = (u1 * u1).sum(0)
+    return sp.mask(w1**2 / a_diag)
+
+
+def mask_sparsegpt(w1: torch.Tensor, u1: torch.Tensor, sp: Sparsity) -> torch.Tensor:
+    """SparseGPT's mask: columns in order, each group chosen by w^2/U_jj^2 when the sweep reaches it,
+    with the single-removal updates of the columns before it applied (on a copy)."""
+    w1, d = w1.clone(), u1.diagonal()
+    keep = torch.ones_like(w1, dtype=torch.bool)
+    if not sp.structured:
+        return sp.mask(w1**2 / d**2)
+    for i in range(w1.shape[1]):
+        if i % sp.m == 0:
+            g = slice(i, i + sp.m)
+            keep[:, g] = sp.mask(w1[:, g] ** 2 / d[g] ** 2)
+        err = torch.where(keep[:, i], 0.0, w1[:, i]) / d[i]
+        w1[:, i:] -= err[:, None] * u1[i, i:][None, :]
+    return keep
+
+
+def mask_group(w1: torch.Tensor, u1: torch.Tensor, sp: Sparsity) -> torch.Tensor:
+    """Groups in order; each row's group subset is the best of all C(M, M-N) choices under the exact
+    multiple-removal loss w_S [(A_g)_SS]^-1 w_S^T, A_g the free columns' inverse Hessian on the group.
+    The chosen subset is then removed with Solution M (every free weight updated) before the next group."""
+    if not sp.structured:
+        return mask_obs(w1, u1, sp)
+    w1 = w1.clone()
+    rows, m, k = w1.shape[0], sp.m, sp.pruned_per_group
+    keep = torch.ones_like(w1, dtype=torch.bool)
+    subsets = torch.tensor(list(itertools.combinations(range(m), k)), device=w1.device)  # [C, k]
+    for i in range(0, w1.shape[1], m):
+        ug = u1[i : i + m, i:]  # rows of U for the group: A_g[:, free] = ug[:, :m]^T ug
+        a = ug[:, :m].T @ ug[:, :m]  # [m, m]
+        a_ss = a[subsets[:, :, None], subsets[:, None, :]]  # [C, k, k]
+        a_ss_inv = torch.linalg.inv(a_ss)
+        ws = w1[:, i : i + m][:, subsets]  # [rows, C, k]
+        losses = torch.einsum("rck,ckl,rcl->rc", ws, a_ss_inv, ws)
+        best = losses.argmin(1)  # [rows]
+        s = subsets[best]  # [rows, k]
+        z = torch.einsum("rkl,rl->rk", a_ss_inv[best], ws[torch.arange(rows), best])  # [A_SS]^-1 w_S
+        zfull = torch.zeros(rows, m, dtype=w1.dtype, device=w1.device).scatter_(1, s, z)
+        w1[:, i:] -= (zfull @ ug[:, :m].T) @ ug
+        keep[:, i : i + m].scatter_(1, s, False)
+    return keep
+
+
+_MASKS = {"obs": mask_obs, "sparsegpt": mask_sparsegpt, "group": mask_group}
+
+
+# ----------------------------------------------------------------------------------------------
+# Updates.
+
+
+def solve_mrp_block(w1: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, exact: bool = True,
+                    row_chunk: int | None = None) -> torch.Tensor:
+    """Z with dW_free = -Z A_{B,free}: Z_P = w_P [A_PP]^-1 per row (Solution M), or w_P / diag(A_PP)
+    (Solution S). Every row has its own P, so the k x k systems are gathered and solved in one batch
+    (rows in chunks to bound memory); rows pruning different counts (unstructured) are padded with
+    identity rows and zero right-hand sides."""
+    rows = w1.shape[0]
+    prune = ~keep
+    if not exact:
+        return torch.where(prune, w1 / a.diagonal(), 0.0)
+    k = int(prune.sum(1).max())
+    z = torch.zeros_like(w1)
+    if k == 0:
+        return z
+    # Indices of each row's pruned columns, padded with a sentinel pointing at column 0.
+    order = torch.sort(prune.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :k]
+    valid = torch.gather(prune, 1, order)
+    chunk = row_chunk or max(1, int(2**27 // max(k * k, 1)))  # ~512 MiB of float32 systems
+    eye = torch.eye(k, dtype=w1.dtype, device=w1.device)
+    for r0 in range(0, rows, chunk):
+        idx, v = order[r0 : r0 + chunk], valid[r0 : r0 + chunk]
+        a_pp = a[idx[:, :, None], idx[:, None, :]]
+        vv = v[:, :, None] & v[:, None, :]
+        a_pp = torch.where(vv, a_pp, eye)
+        rhs = torch.where(v, torch.gather(w1[r0 : r0 + chunk], 1, idx), 0.0)
+        chol, info = torch.linalg.cholesky_ex(a_pp)
+        if int(info.max()) == 0:
+            sol = torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]
+        else:  # not PD in this precision: solve the few systems in float64
+            sol = torch.linalg.solve(a_pp.double(), rhs.double()).to(w1.dtype)
+        z[r0 : r0 + chunk].scatter_(1, idx, torch.where(v, sol, 0.0))
+    return z
+
+
+def sparsegpt(w: torch.Tensor, u: torch.Tensor, sp: Sparsity, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023), as published: one column removed and frozen at a time,
+    N:M groups chosen when the sweep reaches them, lazy updates across blocks."""
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for i1 in range(0, w.shape[1], blocksize):
+        i2 = min(i1 + blocksize, w.shape[1])
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        keep1 = keep[:, i1:i2]
+        if not sp.structured:
+            keep1[:] = sp.mask(w1**2 / u1.diagonal() ** 2)
+        for i in range(i2 - i1):
+            if sp.structured and i % sp.m == 0:
+                g = slice(i, i + sp.m)
+                keep1[:, g] = sp.mask(w1[:, g] ** 2 / u1.diagonal()[g] ** 2)
+            q = torch.where(keep1[:, i], w1[:, i], 0.0)
+            err1[:, i] = (w1[:, i] - q) / u1[i, i]
+            w1[:, i:] -= err1[:, i : i + 1] * u1[i, i:][None, :]
+            w1[:, i] = q
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return w, keep
+
+
+def mrp(w: torch.Tensor, u: torch.Tensor, sp: Sparsity, blocksize: int, mask_rule: str | torch.Tensor,
+        exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multiple removal per block: each row's pruned set P in the block is removed at once and every
+    free weight of the row (this block and all blocks to its right) is updated."""
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for i1 in range(0, w.shape[1], blocksize):
+        i2 = min(i1 + blocksize, w.shape[1])
+        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
+        if isinstance(mask_rule, torch.Tensor):
+            keep1 = mask_rule[:, i1:i2]
+        else:
+            keep1 = _MASKS[mask_rule](w1, u1, sp)
+        a = u1.T @ u1  # (H_RR)^-1 on the block
+        z = solve_mrp_block(w1, a, keep1, exact)
+        w[:, i1:i2] = torch.where(keep1, w1 - z @ a, 0.0)
+        w[:, i2:] -= (z @ u1.T) @ u[i1:i2, i2:]
+        keep[:, i1:i2] = keep1
+    return w, keep
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def check_options(sparsity, method: str, blocksize: int, percdamp: float, mask_rule: str | None) -> Sparsity:
+    """Validate solver options before any work; ValueError names the value and what is allowed."""
+    sp = parse_sparsity(sparsity)
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if mask_rule is not None and mask_rule not in MASK_RULES:
+        raise ValueError(f"unknown mask_rule {mask_rule!r}; choose one of {', '.join(MASK_RULES)}")
+    if not isinstance(blocksize, int) or blocksize <= 0 or (sp.structured and blocksize % sp.m):
+        raise ValueError(
+            "blocksize must be a positive integer" + (f" multiple of M={sp.m}" if sp.structured else "")
+            + f", got {blocksize!r}"
+        )
+    if not (isinstance(percdamp, (int, float)) and 0 <= percdamp < 10):
+        raise ValueError(f"percdamp must be a number in [0, 10), got {percdamp!r}")
+    return sp
+
+
+# The best variant, chosen by benchmarks/layer_solvers.py on real SmolLM2 layers (see README):
+# mask from a group-exact sweep, then Solution M over the whole row for that mask.
+MRP_DEFAULT = {"mask_rule": "group", "mask_blocksize": 128, "refit_blocksize": None}
+
+
+@torch.no_grad()
+def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | Sparsity = "2:4",
+          method: str = "mrp", blocksize: int = 128, percdamp: float = 0.01, mask_rule: str | None = None,
+          refit_blocksize: int | None = None, dtype: torch.dtype = torch.float32) -> SolveResult:
+    """Prune one linear layer's `weight` [out, in] given `hessian` [in, in] of its inputs.
+
+    method: magnitude | wanda | sparsegpt | mrp-s | mrp-m | mrp (the best MRP variant).
+    mask_rule (mrp-*): obs | sparsegpt | group; refit_blocksize (mrp): block width of the final
+    Solution M refit on the chosen mask (None = whole row, the exact least-squares refit).
+    Returns the new weight in the input's dtype and device, the keep-mask and the layer loss."""
+    sp = check_options(sparsity, method, blocksize, percdamp, mask_rule)
+    t0 = time.perf_counter()
+    cols = weight.shape[1]
+    if hessian.shape != (cols, cols):
+        raise ValueError(
+            f"hessian of shape {tuple(hessian.shape)} does not match weight of shape {tuple(weight.shape)}"
+        )
+    sp.check_width(cols)
+    w0 = weight.detach().to(dtype)
+    h = hessian.detach().to(device=weight.device, dtype=dtype)
+    if not torch.isfinite(w0).all():
+        raise FloatingPointError("the weight contains NaN or Inf")
+    w = w0.clone()
+    w[:, h.diagonal() == 0] = 0  # dead inputs: their weights never matter, prune them first
+
+    if method in ("magnitude", "wanda"):
+        score = w.abs() if method == "magnitude" else w.abs() * h.diagonal().clamp_min(0).sqrt()
+        keep = sp.mask(score)
+        w = torch.where(keep, w, 0.0)
+    else:
+        u = torch.linalg.cholesky(damped_inverse(h, percdamp), upper=True)
+        if method == "sparsegpt":
+            w, keep = sparsegpt(w, u, sp, blocksize)
+        elif method in ("mrp-s", "mrp-m"):
+            w, keep = mrp(w, u, sp, blocksize, mask_rule or "obs", exact=method == "mrp-m")
+        else:  # mrp: choose the mask with a sweep, then refit the whole row (or wide blocks) exactly
+            _, keep = mrp(w.clone(), u, sp, blocksize, mask_rule or MRP_DEFAULT["mask_rule"], exact=True)
+            w, keep = mrp(w, u, sp, refit_blocksize or cols, keep, exact=True)
+
+    dw = w - w0
+    loss = layer_loss(dw, hessian.to(w.device))
+    ref = layer_loss(w0, hessian.to(w.device))
+    return SolveResult(
+        weight=w.to(weight.dtype), mask=keep, loss=loss,
+        relative_error=loss / ref if ref > 0 else (0.0 if loss == 0 else math.inf),
+        seconds=time.perf_counter() - t0,
+    )
