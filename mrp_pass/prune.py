@@ -1,0 +1,556 @@
+"""The pruning pass: sequential calibration over a torch.fx graph, as SparseGPT / MRP prune a model,
+but driven by the graph instead of per-architecture code.
+
+The calibration set is pushed through the graph node by node, every sample at once per node, keeping
+only the values some later node still needs. When the walk reaches a linear layer that is to be
+pruned, every to-be-pruned linear reading the same input node (q/k/v, gate/up) is gathered, one
+Hessian is accumulated over all samples of that input, each weight is solved and written back in
+place, and the walk goes on: every later node sees the pruned outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import nn
+from torch.fx._pytree import tree_flatten_spec
+from torch.fx.node import map_arg
+
+from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
+from .hessian import Hessian
+from .solvers import check_options, solve
+
+log = logging.getLogger(__name__)
+
+LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str] | None
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+@dataclass
+class LayerReport:
+    name: str  # the weight's path without ".weight" (the module's FQN for a model)
+    shape: tuple[int, int]  # [out, in] as the linear sees it
+    method: str
+    sparsity: float = 0.0  # achieved fraction of zero weights
+    relative_error: float | None = None  # ||dW X||^2 / ||W X||^2 on the calibration inputs
+    loss: float | None = None  # 1/2 tr(dW H dW^T)
+    seconds: float = 0.0  # solve time (the Hessian's accumulation is shared by the group)
+    group: int | None = None  # layers with one group index shared one Hessian (same input node)
+    tokens: int = 0  # calibration tokens in the Hessian
+    skipped: str | None = None  # why the layer was left dense
+    target: str = ""  # get_attr path of the weight in the graph
+    transposed: bool = False  # the stored tensor is [in, out] (GPT-2 Conv1D): pruned along its dim 0
+
+
+@dataclass
+class PruneReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    sparsity: str = ""
+    method: str = ""
+    samples: int = 0
+    seconds: float = 0.0  # wall time of the whole pass (calibration forward included)
+
+    @property
+    def pruned(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.skipped is None]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.skipped is not None]
+
+    @property
+    def solve_seconds(self) -> float:
+        return sum(layer.seconds for layer in self.pruned)
+
+    @property
+    def mean_relative_error(self) -> float:
+        errs = [layer.relative_error for layer in self.pruned if layer.relative_error is not None]
+        return sum(errs) / len(errs) if errs else math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method, "sparsity": self.sparsity, "samples": self.samples,
+            "layers_pruned": len(self.pruned), "layers_skipped": len(self.skipped),
+            "seconds": self.seconds, "solve_seconds": self.solve_seconds,
+            "mean_relative_error": self.mean_relative_error,
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+    def save_json(self, path: str | os.PathLike) -> None:
+        """Write the report atomically (a temporary file in the same directory, then os.replace)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, indent=2)
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def __str__(self) -> str:
+        width = max([len(layer.name) for layer in self.layers] + [5])
+        lines = [f"{'layer':<{width}}  {'shape':>11}  {'sparsity':>8}  {'rel.err':>9}  {'seconds':>7}  note"]
+        for layer in self.layers:
+            shape = "x".join(map(str, layer.shape))
+            if layer.skipped is None:
+                err = f"{layer.relative_error:9.3e}" if layer.relative_error is not None else f"{'-':>9}"
+                lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.sparsity:8.1%}  {err}  {layer.seconds:7.2f}"
+                             f"  group {layer.group}")
+            else:
+                dash = "-"
+                lines.append(f"{layer.name:<{width}}  {shape:>11}  {dash:>8}  {dash:>9}  {dash:>7}"
+                             f"  skipped: {layer.skipped}")
+        lines.append(
+            f"{self.method} {self.sparsity}: {len(self.pruned)} layers pruned, {len(self.skipped)} skipped, "
+            f"mean relative error {self.mean_relative_error:.3e}, solve {self.solve_seconds:.1f} s, "
+            f"total {self.seconds:.1f} s ({self.samples} calibration samples)"
+        )
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration inputs
+
+
+def _as_call(item) -> tuple[tuple, dict]:
+    """A calibration item as (args, kwargs): a Tensor is one positional argument, a tuple/list the
+    positional arguments, a dict the keyword arguments."""
+    if isinstance(item, torch.Tensor):
+        return (item,), {}
+    if isinstance(item, (tuple, list)):
+        return tuple(item), {}
+    if isinstance(item, dict):
+        return (), dict(item)
+    raise TypeError(f"calibration items must be a Tensor, a tuple/list of arguments or a dict of keyword "
+                    f"arguments, got {type(item).__name__}")
+
+
+def _placeholder_values(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list:
+    """The values of the graph's placeholders, in order, for a call gm(*args, **kwargs)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        # torch.export's module: forward(*orig_args) flattens ([positional], {keywords}) against in_spec,
+        # exactly as the generated forward does (torch.fx.graph._PyTreeCodeGen.gen_var_bindings).
+        spec, names = info.in_spec, info.orig_args
+        values = [bound.arguments[n] for n in names]
+        if spec.type is tuple and spec.num_children == 2 and spec.child(0).type is tuple \
+                and spec.child(1).type is dict:
+            npos = spec.child(0).num_children
+            tree = (values[:npos], dict(zip(spec.child(1).context, values[npos:])))
+        else:
+            tree = values
+        flat = tree_flatten_spec(tree, spec)
+    else:
+        flat = []
+        for p in placeholders:
+            name = p.target.lstrip("*")
+            flat.append(bound.arguments[name] if name in bound.arguments else p.args[0])
+    if len(flat) != len(placeholders):
+        raise ValueError(f"calibration item gives {len(flat)} graph inputs, the graph has {len(placeholders)}")
+    return list(flat)
+
+
+def _to(value, device: torch.device | None):
+    if device is None:
+        return value
+    return pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the layers
+
+
+def _matches(layer_filter, name: str, module: nn.Module | None, shape: tuple) -> bool:
+    if callable(layer_filter):
+        return bool(layer_filter(name, module, shape))
+    if isinstance(layer_filter, str):
+        layer_filter = [layer_filter]
+    # Each entry is a regular expression searched in the name; a plain substring is one too.
+    return any(re.search(p, name) for p in layer_filter)
+
+
+def _plan(gm: fx.GraphModule, sites: list[LinearSite], m: int, layer_filter, vocab: set[int]
+          ) -> dict[LinearSite, str | None]:
+    """Skip reason (None = prune) of every site.
+
+    Default rule (no layer_filter): prune every linear except the output projection onto the
+    vocabulary, recognised as a linear whose out_features equals the row count of an embedding table
+    the graph looks up (or the model's config.vocab_size) *and* whose output reaches the graph
+    output without passing through another linear. Both conditions: an MLP's last layer (no
+    vocabulary) is pruned, and an inner layer that happens to be vocabulary-wide is pruned too.
+    Always skipped, whatever the filter: inputs not a multiple of M, weights tied to a non-linear use
+    (an embedding table shared with the LM head would be pruned with it), and the second and later
+    linears of one shared weight (the weight is pruned once, at its first use)."""
+    by_node = {s.node for s in sites}
+    uses = other_uses(gm, sites)
+    first_user: dict[tuple, LinearSite] = {}
+    plan: dict[LinearSite, str | None] = {}
+    for s in sites:
+        key = tensor_key(fetch_attr(gm, s.target))
+        if layer_filter is not None:
+            reason = None if _matches(layer_filter, s.name, s.module, s.shape) else "excluded by layer_filter"
+        elif s.out_features in vocab and feeds_output(s, by_node.__contains__):
+            reason = f"output projection onto the vocabulary ({s.out_features} outputs)"
+        else:
+            reason = None
+        if reason is None and key in uses:
+            reason = f"weight tied to a non-linear use ({', '.join(sorted(set(uses[key])))})"
+        if reason is None and m and s.in_features % m:
+            reason = f"in_features {s.in_features} is not a multiple of M={m}"
+        if reason is None and key in first_user:
+            reason = f"weight shared with {first_user[key].name}, pruned there"
+        if reason is None:
+            first_user[key] = s
+        plan[s] = reason
+    return plan
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _name_sites(sites: list[LinearSite], gm: fx.GraphModule, model: nn.Module | None) -> None:
+    """Name each site after the module that called it when that module owns the weight (a tied
+    weight has one path in the graph, each of its uses its own layer), and find the module a
+    layer_filter is given: the model's own one when pruning a model."""
+    for s in sites:
+        path = s.module_path
+        if model is not None and path is not None:
+            mod = _submodule(model, path)
+            if mod is not None and getattr(mod, "weight", None) is fetch_attr(gm, s.target):
+                s.name, s.module = path, mod
+                continue
+        if s.module is None:
+            mod = _submodule(model if model is not None else gm, s.name)
+            s.module = mod if type(mod) is not nn.Module else None  # export's containers are bare Modules
+
+
+# ----------------------------------------------------------------------------------------------
+# The walk
+
+
+@contextlib.contextmanager
+def _module_on(module: nn.Module, device: torch.device | None):
+    """Run a called submodule on the calibration device, and move it back after (weights may live elsewhere)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    home = tensors[0].device if tensors else None
+    if device is None or home is None or home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
+
+
+def _retarget(value, device: torch.device):
+    """Device literals baked into a graph (torch.export records the capture device) -> the calibration device."""
+    if isinstance(value, torch.device):
+        return device
+    if isinstance(value, dict):
+        return {k: device if k == "device" and isinstance(v, str) else _retarget(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_retarget(v, device) for v in value)
+    return value
+
+
+class _Walk:
+    """Executes a graph over all calibration samples node by node, pruning groups on the way."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: list[list], device: torch.device, retarget: bool):
+        self.gm, self.device, self.retarget = gm, device, retarget
+        self.nsamples = len(inputs)
+        self.nodes = list(gm.graph.nodes)
+        self.inputs = inputs
+        # Nodes whose value differs per sample (they depend on a graph input); the rest are computed once.
+        self.varying: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "placeholder" or any(a in self.varying for a in n.all_input_nodes):
+                self.varying.add(n)
+        last_use: dict[fx.Node, fx.Node] = {}
+        for n in self.nodes:
+            for a in n.all_input_nodes:
+                last_use[a] = n
+        self.frees: dict[fx.Node, list[fx.Node]] = defaultdict(list)
+        for a, n in last_use.items():
+            self.frees[n].append(a)
+        self.values: dict[fx.Node, list] = {}  # per-sample values of varying nodes
+        self.consts: dict[fx.Node, Any] = {}  # single values of sample-independent nodes
+        self.placeholder_index = {n: i for i, n in enumerate(n for n in self.nodes if n.op == "placeholder")}
+        self.lazy: set[fx.Node] = set()  # weights: read when a user runs (see evaluate_lazy)
+
+    def lookup(self, node: fx.Node, i: int, lazy_values: dict):
+        if node in lazy_values:
+            return lazy_values[node]
+        if node in self.values:
+            return self.values[node][i]
+        return self.consts[node]
+
+    def evaluate_lazy(self, node: fx.Node, cache: dict):
+        """Weights (get_attr and the transposes/casts on them) are read when a user runs, moved to the
+        calibration device for that node only: they are never held for the whole walk, and reads after
+        a prune see the pruned tensor."""
+        if node not in cache:
+            for a in node.all_input_nodes:
+                if a in self.lazy:
+                    self.evaluate_lazy(a, cache)
+            cache[node] = self.call(node, 0, cache)
+        return cache[node]
+
+    def call(self, node: fx.Node, i: int, lazy_values: dict):
+        if node.op == "get_attr":
+            value = fetch_attr(self.gm, node.target)
+            return value.to(self.device) if isinstance(value, torch.Tensor) else value
+        args = map_arg(node.args, lambda a: self.lookup(a, i, lazy_values))
+        kwargs = map_arg(node.kwargs, lambda a: self.lookup(a, i, lazy_values))
+        if self.retarget:
+            args, kwargs = _retarget(args, self.device), _retarget(kwargs, self.device)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_method":
+            obj, *rest = args
+            return getattr(obj, node.target)(*rest, **kwargs)
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        raise RuntimeError(f"cannot execute node {node.name} of op {node.op!r}")
+
+    def run_node(self, node: fx.Node) -> None:
+        if node.op == "placeholder":
+            index = self.placeholder_index[node]
+            self.values[node] = [sample[index] for sample in self.inputs]
+        elif node in self.lazy:
+            return
+        else:
+            lazy_values: dict = {}
+            for a in node.all_input_nodes:
+                if a in self.lazy:
+                    self.evaluate_lazy(a, lazy_values)
+            module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+            with _module_on(module, self.device) if module is not None else contextlib.nullcontext():
+                if node in self.varying:
+                    self.values[node] = [self.call(node, i, lazy_values) for i in range(self.nsamples)]
+                else:
+                    self.consts[node] = self.call(node, 0, lazy_values)
+        for a in self.frees.get(node, ()):
+            self.values.pop(a, None)
+            self.consts.pop(a, None)
+        if not node.users:
+            self.values.pop(node, None)
+            self.consts.pop(node, None)
+
+    def refresh(self, nodes: Iterable[fx.Node]) -> None:
+        """Recompute already-computed values derived from a weight that was just pruned."""
+        for n in nodes:
+            if n in self.values or n in self.consts:
+                self.run_node(n)
+
+    def input_values(self, node: fx.Node) -> list:
+        return self.values[node] if node in self.values else [self.consts[node]]
+
+
+@torch.no_grad()
+def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, *, layer_filter, blocksize: int,
+              percdamp: float, device, progress: bool, vocab_size: int | None = None, model: nn.Module | None = None,
+              **solver_kwargs) -> PruneReport:
+    t0 = time.perf_counter()
+    sp = check_options(sparsity, method, blocksize, percdamp, solver_kwargs.get("mask_rule"))
+    items = [_as_call(item) for item in calibration]
+    if not items:
+        raise ValueError("calibration is empty: give at least one sample")
+    first = next((t for t in pytree.tree_leaves(items[0]) if isinstance(t, torch.Tensor)), None)
+    calib_device = torch.device(device) if device is not None else (first.device if first is not None
+                                                                    else torch.device("cpu"))
+    inputs = [_to(_placeholder_values(gm, args, kwargs), calib_device) for args, kwargs in items]
+
+    sites = find_linears(gm)
+    vocab = embedding_rows(gm) | ({vocab_size} if vocab_size else set())
+    _name_sites(sites, gm, model)
+    plan = _plan(gm, sites, sp.m if sp.structured else 0, layer_filter, vocab)
+    entries = {s: LayerReport(s.name, s.shape, method, skipped=plan[s], target=s.target, transposed=s.transposed)
+               for s in sites}
+    todo = [s for s in sites if plan[s] is None]
+    groups: dict[tuple, list[LinearSite]] = defaultdict(list)  # sites reading one input node share a Hessian
+    for s in todo:
+        groups[s.input, s.weight_left].append(s)
+
+    walk = _Walk(gm, inputs, calib_device, retarget=device is not None)
+    walk.lazy = {n for s in sites for n in s.weight_chain if n not in walk.varying}
+    walk.lazy |= {n for n in walk.nodes if n.op == "get_attr"}
+    site_of = {s.node: s for s in todo}
+    done: set[tuple] = set()
+    bar = _progress_bar(len(todo), progress)
+    try:
+        for node in walk.nodes:
+            if len(done) == len(groups) or node.op == "output":
+                break  # the rest of the graph holds no layer to prune
+            site = site_of.get(node)
+            if site is not None and (site.input, site.weight_left) not in done:
+                group = groups[site.input, site.weight_left]
+                _prune_group(gm, group, len(done), walk.input_values(site.input), sp, method, blocksize,
+                             percdamp, calib_device, entries, bar, solver_kwargs)
+                done.add((site.input, site.weight_left))
+                walk.refresh([n for s in group for n in s.weight_chain])
+            walk.run_node(node)
+    finally:
+        bar.close()
+    if len(done) != len(groups):
+        missing = [s.name for s in todo if (s.input, s.weight_left) not in done]
+        raise RuntimeError(f"the walk ended before reaching layers {missing}")
+    return PruneReport([entries[s] for s in sites], str(sp), method, len(items), time.perf_counter() - t0)
+
+
+def _progress_bar(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="pruning", unit="layer", disable=not enabled)
+
+
+def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: list, sp, method: str,
+                 blocksize: int, percdamp: float, device: torch.device, entries: dict, bar, solver_kwargs) -> None:
+    """One Hessian over every sample of the group's shared input, then each layer solved and written back."""
+    hessian = Hessian(group[0].in_features, device=device)
+    for x in xs:
+        hessian.add(group[0].inputs(x))
+    for s in group:
+        stored = fetch_attr(gm, s.target)
+        weight = stored.detach().to(device)  # on the calibration device only while solving
+        result = solve(weight.T if s.transposed else weight, hessian.matrix, sp, method, blocksize, percdamp,
+                       **solver_kwargs)
+        new = result.weight.T if s.transposed else result.weight
+        stored.copy_(new)  # in place: the model's own tensor (and any alias of it) now holds the pruned weight
+        e = entries[s]
+        e.sparsity = float((new == 0).float().mean())
+        e.relative_error, e.loss, e.seconds = result.relative_error, result.loss, result.seconds
+        e.group, e.tokens = index, hessian.nsamples
+        log.debug("pruned %s %s: relative error %.3e", s.name, s.shape, result.relative_error)
+        bar.set_postfix_str(s.name, refresh=False)
+        bar.update(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float = "2:4", method: str = "mrp", *,
+                layer_filter: LayerFilter = None, blocksize: int = 128, percdamp: float = 0.01,
+                device: str | torch.device | None = None, progress: bool = True, **solver_kwargs) -> PruneReport:
+    """Prune the linear layers of `gm` in place with sequential calibration; see the module docstring.
+
+    calibration: items of a Tensor (one positional argument), a tuple/list (positional arguments) or a
+    dict (keyword arguments) for `gm`. The tensors the linears' weights come from (get_attr targets)
+    are overwritten in place. layer_filter: None (default rule, see `_plan`), a callable
+    (name, module or None, [out, in] shape) -> bool, or a list of name substrings / regular expressions.
+    device: where calibration runs (default: the device of the calibration tensors); weights stay
+    where they are and visit it while their node runs. solver_kwargs go to mrp_pass.solve."""
+    return _run_pass(gm, calibration, sparsity, method, layer_filter=layer_filter, blocksize=blocksize,
+                     percdamp=percdamp, device=device, progress=progress, **solver_kwargs)
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module):
+    """HF models return a KV cache object torch.export cannot flatten; calibration needs none."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache"):
+        yield
+        return
+    saved = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = saved
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:
+    """A GraphModule of `model` whose weights are get_attr nodes named by the model's own parameter
+    paths: torch.export (non-strict; aten-level linears), falling back to torch.fx.symbolic_trace."""
+    kwargs = kwargs or {}
+    try:
+        return torch.export.export(model, args, kwargs, strict=False).module()
+    except Exception as export_error:
+        try:
+            return fx.symbolic_trace(model)
+        except Exception as trace_error:
+            raise RuntimeError(
+                f"cannot capture a graph of {type(model).__name__}: torch.export failed with {export_error!r}; "
+                f"torch.fx.symbolic_trace failed with {trace_error!r}"
+            ) from export_error
+
+
+def prune(model: nn.Module, calibration: Iterable, sparsity: str | float = "2:4", method: str = "mrp", *,
+          layer_filter: LayerFilter = None, blocksize: int = 128, percdamp: float = 0.01,
+          device: str | torch.device | None = None, progress: bool = True, **solver_kwargs) -> PruneReport:
+    """Prune `model`'s linear layers in place: capture its graph on the first calibration sample, run
+    prune_graph on it, and make sure the model's own parameters hold the pruned weights.
+
+    The graph is specialised to the first sample's shapes, so every sample must have the same shapes.
+    Calibration runs in eval mode (the training flag is restored after) on `device` (default: the
+    model's device); report names are the model's module paths (parameter path minus ".weight")."""
+    raw = list(calibration)
+    items = [_as_call(item) for item in raw]
+    if not items:
+        raise ValueError("calibration is empty: give at least one sample")
+    shapes = [[tuple(t.shape) for t in pytree.tree_leaves(it) if isinstance(t, torch.Tensor)] for it in items]
+    if any(s != shapes[0] for s in shapes):
+        raise ValueError("calibration samples must all have the same shapes (the captured graph is specialised "
+                         f"to the first one's, {shapes[0]}); cut them into windows of one length")
+    home = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    model.eval()
+    try:
+        with _no_kv_cache(model), torch.no_grad():
+            args, kwargs = _to(items[0], home)
+            gm = capture(model, args, kwargs)
+
+            config = getattr(model, "config", None)
+            vocab_size = getattr(config, "vocab_size", None) if config is not None else None
+            report = _run_pass(gm, raw, sparsity, method, layer_filter=layer_filter, blocksize=blocksize,
+                               percdamp=percdamp, device=device if device is not None else home, progress=progress,
+                               vocab_size=vocab_size, model=model, **solver_kwargs)
+            _write_back(model, gm, report)
+    finally:
+        model.train(was_training)
+    return report
+
+
+def _write_back(model: nn.Module, gm: fx.GraphModule, report: PruneReport) -> None:
+    """Copy pruned weights into the model's own tensors where the captured graph holds copies
+    (torch.export and symbolic_trace usually share the model's tensors, then this is a no-op)."""
+    for layer in report.pruned:
+        pruned = fetch_attr(gm, layer.target)
+        try:
+            own = fetch_attr(model, layer.target)
+        except AttributeError:
+            log.warning("pruned %s has no counterpart %r in the model", layer.name, layer.target)
+            continue
+        if own is not pruned:
+            own.data.copy_(pruned)

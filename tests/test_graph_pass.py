@@ -1,0 +1,360 @@
+"""The torch.fx pruning pass on tiny random models (CPU, seconds)."""
+
+import importlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mrp_pass import Hessian, find_linears, is_nm_sparse, prune, prune_graph, solve
+
+transformers = pytest.importorskip("transformers")
+prune_module = importlib.import_module("mrp_pass.prune")
+
+VOCAB = 128
+
+
+def tiny_llama(tie: bool = False):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def windows(n: int = 4, seqlen: int = 16, seed: int = 1) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (1, seqlen), generator=gen) for _ in range(n)]
+
+
+def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def check_pruned(model, report, before: dict, untouched=("lm_head",)):
+    """Every reported layer is 2:4 along its inputs; the untouched ones are bit-identical."""
+    assert report.pruned
+    for layer in report.pruned:
+        w = model.get_parameter(layer.target)
+        w = w.T if layer.transposed else w  # Conv1D stores [in, out]
+        assert is_nm_sparse(w, 2, 4), layer.name
+        assert layer.sparsity == pytest.approx(0.5)
+    for name in untouched:
+        assert torch.equal(model.get_submodule(name).weight, before[name]), name
+
+
+def run_and_check(model, ids, ref):
+    out = model(ids).logits
+    assert torch.isfinite(out).all()
+    assert not torch.allclose(out, ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# Architectures
+
+
+def test_llama_every_linear_but_lm_head():
+    model = tiny_llama()
+    before, ids = linear_weights(model), windows(1, seed=9)[0]
+    ref = model(ids).logits
+    report = prune(model, windows(), method="sparsegpt", progress=False)
+    names = [layer.name for layer in report.pruned]
+    assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
+    assert names[-1] == "model.layers.1.mlp.down_proj"
+    assert [layer.name for layer in report.skipped] == ["lm_head"]
+    assert "vocabulary" in report.skipped[0].skipped
+    check_pruned(model, report, before)
+    run_and_check(model, ids, ref)
+
+
+def test_gpt2_conv1d_addmm_and_tied_head():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+                                  bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    before, ids = linear_weights(model), windows(1, seed=9)[0]
+    wte = model.transformer.wte.weight.detach().clone()
+    ref = model(ids).logits
+    report = prune(model, windows(), method="sparsegpt", progress=False)
+    assert len(report.pruned) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
+    assert all(layer.target.startswith("transformer.h.") for layer in report.pruned)
+    c_attn = next(layer for layer in report.pruned if layer.name.endswith("attn.c_attn"))
+    assert c_attn.shape == (192, 64)  # seen as a linear's [out, in]; stored as Conv1D's [in, out]
+    check_pruned(model, report, before)
+    assert torch.equal(model.transformer.wte.weight, wte)  # tied to lm_head: never pruned
+    run_and_check(model, ids, ref)
+
+
+def test_opt():
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, vocab_size=VOCAB,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                 pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    before, ids = linear_weights(model), windows(1, seed=9)[0]
+    ref = model(ids).logits
+    report = prune(model, windows(), method="sparsegpt", progress=False)
+    assert len(report.pruned) == 12  # q, k, v, out_proj, fc1, fc2 per layer
+    check_pruned(model, report, before)
+    run_and_check(model, ids, ref)
+
+
+def test_mamba():
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, expand=2,
+                                   conv_kernel=4, time_step_rank=4)
+    model = transformers.MambaForCausalLM(cfg).eval()
+    before, ids = linear_weights(model), windows(1, seqlen=8, seed=9)[0]
+    ref = model(ids).logits
+    report = prune(model, windows(seqlen=8), method="sparsegpt", progress=False)
+    names = {layer.name.rsplit(".", 1)[-1] for layer in report.pruned}
+    assert names == {"in_proj", "x_proj", "dt_proj", "out_proj"}
+    assert len(report.pruned) == 8
+    check_pruned(model, report, before)
+    run_and_check(model, ids, ref)
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Functional(nn.Module):
+    """Linears written by hand: F.linear, x @ W.T, and addmm on a weight stored [in, out]."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(32, 16) / 4), nn.Parameter(torch.zeros(32))
+        self.w2 = nn.Parameter(torch.randn(24, 32) / 6)
+        self.w3 = nn.Parameter(torch.randn(24, 8) / 5)  # [in, out], GPT-2 Conv1D style
+        self.b3 = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x):
+        h = torch.relu(F.linear(x, self.w1, self.b1))
+        h = torch.tanh(h @ self.w2.T)
+        return torch.addmm(self.b3, h.reshape(-1, 24), self.w3)
+
+
+def xs(n: int = 4, rows: int = 32, width: int = 16, seed: int = 2) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, width, generator=gen) for _ in range(n)]
+
+
+def test_plain_mlp_all_layers_pruned():
+    torch.manual_seed(0)
+    model = MLP()
+    ref = model(xs(1, seed=5)[0])
+    report = prune(model, xs(), method="mrp", progress=False)
+    assert [layer.name for layer in report.pruned] == ["fc1", "fc2", "fc3"]  # no vocabulary: the last one too
+    for name in ("fc1", "fc2", "fc3"):
+        assert is_nm_sparse(getattr(model, name).weight)
+    out = model(xs(1, seed=5)[0])
+    assert torch.isfinite(out).all() and not torch.allclose(out, ref)
+
+
+@pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
+def test_functional_linear_matmul_addmm(capture):
+    torch.manual_seed(0)
+    model = Functional()
+    if capture == "symbolic_trace":
+        gm = torch.fx.symbolic_trace(model)  # call_function F.linear, operator.matmul on getattr(w2, "T"), addmm
+        sites = find_linears(gm)
+        assert [(s.target, s.transposed) for s in sites] == [("w1", False), ("w2", False), ("w3", True)]
+        report = prune_graph(gm, xs(), method="sparsegpt", progress=False)
+    else:
+        report = prune(model, xs(), method="sparsegpt", progress=False)
+    assert [(layer.name, layer.shape) for layer in report.pruned] == [("w1", (32, 16)), ("w2", (24, 32)),
+                                                                      ("w3", (8, 24))]
+    assert is_nm_sparse(model.w1) and is_nm_sparse(model.w2) and is_nm_sparse(model.w3.T)
+    assert not is_nm_sparse(model.w3)  # pruned along its input axis, which is dim 0 of the stored tensor
+
+
+def test_prune_graph_nested_get_attr_on_export():
+    model = tiny_llama()
+    gm = torch.export.export(model, (windows(1)[0],), {"use_cache": False}, strict=False).module()
+    report = prune_graph(gm, [{"input_ids": w, "use_cache": False} for w in windows()], method="magnitude",
+                         layer_filter=["mlp"], progress=False)
+    assert [layer.target for layer in report.pruned][:3] == [
+        "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight"]
+    assert is_nm_sparse(model.model.layers[1].mlp.down_proj.weight)  # export shares the model's tensors
+    assert not is_nm_sparse(model.model.layers[1].self_attn.q_proj.weight)
+
+
+# ----------------------------------------------------------------------------------------------
+# Equivalence with an independent reference: forward hooks on nn.Linear, one group at a time.
+
+
+def reference_prune(model: nn.Module, calibration: list, method: str, exclude=("lm_head",)) -> None:
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in exclude}
+    # Execution order and input identity, from one recorded forward: linears fed the very same tensor form a group.
+    seen, order = [], []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: order.append((n, a[0]))) for n, m in linears.items()]
+    with torch.no_grad():
+        model(calibration[0])
+    for h in hooks:
+        h.remove()
+    groups: list[list[str]] = []
+    for name, x in order:
+        for i, y in enumerate(seen):
+            if y is x:
+                groups[i].append(name)
+                break
+        else:
+            seen.append(x)
+            groups.append([name])
+    for group in groups:
+        hessian = Hessian(linears[group[0]].in_features)
+        hook = linears[group[0]].register_forward_pre_hook(lambda m, a, h=hessian: h.add(a[0]))
+        with torch.no_grad():
+            for ids in calibration:  # the whole model again: later groups see the already-pruned outputs
+                model(ids)
+        hook.remove()
+        for name in group:
+            w = linears[name].weight
+            with torch.no_grad():
+                w.copy_(solve(w, hessian.matrix, "2:4", method).weight)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "mrp"])
+def test_matches_hook_reference(method):
+    calib = windows(4)
+    ours, ref = tiny_llama(), tiny_llama()
+    prune(ours, calib, method=method, progress=False)
+    reference_prune(ref, calib, method)
+    # Same ops on the same tensors in the same order: equal up to float32 summation noise.
+    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Groups, ties, filters, report
+
+
+def test_shared_input_layers_share_one_hessian(monkeypatch):
+    seen = []
+    real = prune_module.solve
+
+    def spy(weight, hessian, *args, **kwargs):
+        seen.append(hessian)
+        return real(weight, hessian, *args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "solve", spy)
+    report = prune(tiny_llama(), windows(2), method="magnitude", progress=False)
+    by_name = dict(zip([layer.name for layer in report.pruned], seen))
+    q, k, v = (by_name[f"model.layers.0.self_attn.{p}_proj"] for p in "qkv")
+    assert q is k is v
+    assert by_name["model.layers.0.mlp.gate_proj"] is by_name["model.layers.0.mlp.up_proj"]
+    assert by_name["model.layers.0.mlp.up_proj"] is not q
+    groups = [layer.group for layer in report.pruned]
+    assert groups == [0, 0, 0, 1, 2, 2, 3, 4, 4, 4, 5, 6, 6, 7]
+    assert all(layer.tokens == 2 * 16 for layer in report.pruned)
+
+
+class TiedLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 16), nn.Linear(16, 16)
+        self.b.weight = self.a.weight  # one tensor, two layers with different inputs
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_tied_weight_pruned_once(monkeypatch):
+    calls = []
+    real = prune_module.solve
+    monkeypatch.setattr(prune_module, "solve", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    torch.manual_seed(0)
+    model = TiedLinears()
+    report = prune(model, xs(), method="sparsegpt", progress=False)
+    assert len(calls) == 1
+    assert [layer.name for layer in report.pruned] == ["a"]
+    assert "shared with a" in report.skipped[0].skipped
+    assert is_nm_sparse(model.b.weight)
+
+
+def test_tied_embedding_head_skipped_even_when_filtered_in():
+    model = tiny_llama(tie=True)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    report = prune(model, windows(2), method="magnitude", layer_filter=lambda name, mod, shape: True,
+                   progress=False)
+    head = next(layer for layer in report.layers if layer.name == "lm_head")
+    assert "tied" in head.skipped and "embedding" in head.skipped
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+
+
+def test_layer_filter_names_regex_and_callable():
+    report = prune(tiny_llama(), windows(2), method="magnitude", layer_filter=["up_proj", r"layers\.1\..*q_proj$"],
+                   progress=False)
+    assert [layer.name for layer in report.pruned] == [
+        "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
+    assert all(layer.skipped == "excluded by layer_filter" for layer in report.skipped)
+
+    seen = []
+
+    def only_square(name, module, shape):
+        seen.append((name, type(module).__name__))
+        return shape[0] == shape[1]
+
+    report = prune(tiny_llama(), windows(2), method="magnitude", layer_filter=only_square, progress=False)
+    assert {layer.name.rsplit(".", 1)[-1] for layer in report.pruned} == {"q_proj", "o_proj"}
+    assert ("model.layers.0.mlp.up_proj", "Linear") in seen  # the model's own module is passed
+
+
+def test_width_not_multiple_of_m_is_skipped():
+    model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 8))
+    report = prune(model, xs(), method="sparsegpt", progress=False)
+    assert [layer.name for layer in report.pruned] == ["0"]
+    assert report.skipped[0].name == "2" and "not a multiple of M=4" in report.skipped[0].skipped
+
+
+def test_report_contents_and_json(tmp_path):
+    model = MLP().train()
+    report = prune(model, xs(), method="sparsegpt", progress=False)
+    assert model.training  # restored after calibrating in eval mode
+    d = report.to_dict()
+    assert d["layers_pruned"] == 3 and d["layers_skipped"] == 0 and d["method"] == "sparsegpt"
+    assert d["sparsity"] == "2:4" and d["samples"] == 4
+    assert d["mean_relative_error"] == pytest.approx(sum(x["relative_error"] for x in d["layers"]) / 3)
+    first = d["layers"][0]
+    assert first["name"] == "fc1" and first["shape"] == (32, 16) and first["loss"] > 0 and first["seconds"] > 0
+    path = tmp_path / "report.json"
+    report.save_json(path)
+    assert json.loads(path.read_text())["layers"][2]["name"] == "fc3"
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+    text = str(report)
+    assert "fc2" in text and "3 layers pruned" in text
+
+
+def test_kwargs_calibration_and_bad_items():
+    model = tiny_llama()
+    calib = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows(2)]
+    report = prune(model, calib, method="magnitude", progress=False)
+    assert len(report.pruned) == 14
+    with pytest.raises(ValueError, match="same shapes"):
+        prune(tiny_llama(), [windows(1, 16)[0], windows(1, 8)[0]], progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        prune(tiny_llama(), [], progress=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        prune(tiny_llama(), windows(1), method="nope", progress=False)
+
+
+def test_live_values_are_freed(monkeypatch):
+    """Only activations some later node still needs are held: at most a handful of per-sample values."""
+    peak = []
+    real = prune_module._Walk.run_node
+
+    def spy(self, node):
+        real(self, node)
+        peak.append(len(self.values))
+
+    monkeypatch.setattr(prune_module._Walk, "run_node", spy)
+    prune(tiny_llama(), windows(2), method="magnitude", progress=False)
+    assert max(peak) <= 12 < len(peak) / 10
