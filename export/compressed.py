@@ -1,0 +1,271 @@
+"""Compressed checkpoints in compressed-tensors' `sparse-24-bitmask` layout, so vLLM / llm-compressor read them.
+
+Per 2:4 nn.Linear weight W [rows, cols] (names as in compressed-tensors' Sparse24BitMaskTensor.dict):
+  <module>.shape       int64 [2, 1]            the dense shape
+  <module>.compressed  W.dtype [rows, cols/2]  the 2 kept values of every group of 4, in order
+  <module>.bitmask     uint8 [rows, ceil(cols/8)]  keep-mask, np.packbits(axis=-1, bitorder="little")
+The round trip is bit-exact for every kept value; a pruned -0.0 (what masking a negative weight leaves) comes
+back as +0.0, since the format stores no pruned entries. Exactly 2 values are kept per group (a group with
+fewer non-zeros keeps a zero), as compressed-tensors' decoder reshapes the values to [rows, cols/2].
+Every other tensor is stored dense under its own name. config.json
+carries `quantization_config = {quant_method: "compressed-tensors", sparsity_config: {format:
+"sparse-24-bitmask", sparsity_structure: "2:4", targets: ["Linear"], ignore: [linears stored dense], ...}}`.
+fp16 2:4 weights take 16 * 1/2 + 1 = 9 bits per element instead of 16: 9/16 = 0.5625 of dense.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mrp_pass import is_nm_sparse
+
+from .atomic import atomic_dir
+from .wrap import is_hf_causal_lm
+
+FORMAT = "sparse-24-bitmask"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SUFFIXES = (".shape", ".compressed", ".bitmask")
+COMPRESSED_TENSORS_VERSION = "0.12.2"  # the format version whose layout this writes
+
+
+@dataclass
+class CompressedReport:
+    path: str
+    compressed_layers: list[str]
+    dense_linears: list[str]  # nn.Linear weights kept dense (not 2:4, or tied to another tensor)
+    dense_bytes: int  # the compressed layers' weights stored dense
+    compressed_bytes: int  # the same weights as values + bitmask
+    file_bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.compressed_bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "format": FORMAT, "compressed_layers": len(self.compressed_layers),
+                "dense_linears": self.dense_linears, "linear_weight_bytes_dense": self.dense_bytes,
+                "linear_weight_bytes_compressed": self.compressed_bytes, "ratio": round(self.ratio, 4),
+                "file_bytes": self.file_bytes, "notes": self.notes}
+
+    def __str__(self) -> str:
+        return (f"compressed checkpoint ({FORMAT}): {self.path}\n"
+                f"{len(self.compressed_layers)} 2:4 linear weights compressed, "
+                f"{len(self.dense_linears)} linears dense; "
+                f"their weights {self.dense_bytes / 2**20:.2f} MiB dense -> {self.compressed_bytes / 2**20:.2f} MiB "
+                f"({self.ratio:.4f}x); file {self.file_bytes / 2**20:.2f} MiB")
+
+
+def _keep_mask(w: torch.Tensor) -> torch.Tensor:
+    """Exactly 2 kept positions per group of 4 covering every non-zero (then signed zeros, when a slot is free)."""
+    rows, cols = w.shape
+    bits = w.view(torch.int16 if w.element_size() == 2 else torch.int32 if w.element_size() == 4 else torch.int8)
+    score = (w != 0).to(torch.int8) * 2 + (bits != 0).to(torch.int8)  # non-zeros first, then signed zeros
+    groups = score.reshape(rows, cols // 4, 4)
+    # topk on a small integer score; stable ties keep the lowest positions, so a mask is deterministic
+    idx = groups.float().topk(2, dim=2, sorted=False).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
+    return keep.reshape(rows, cols)
+
+
+def compress_24(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{shape, compressed, bitmask} of a 2:4 weight [rows, cols] (cols a multiple of 4)."""
+    w = w.detach().cpu().contiguous()
+    keep = _keep_mask(w)
+    rows, cols = w.shape
+    return {
+        "shape": torch.tensor([rows, cols], dtype=torch.int64).reshape(-1, 1),
+        "compressed": w[keep].reshape(rows, cols // 2).contiguous(),
+        "bitmask": torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little")),
+    }
+
+
+def decompress_24(shape: torch.Tensor, compressed: torch.Tensor, bitmask: torch.Tensor,
+                  where: str = "") -> torch.Tensor:
+    """The dense weight; ValueError (naming `where`) when the three tensors do not fit together."""
+    dims = [int(v) for v in shape.flatten().tolist()]
+    if len(dims) != 2 or dims[1] % 4 or min(dims) <= 0:
+        raise ValueError(f"{where}: bad dense shape {dims} for a {FORMAT} tensor")
+    rows, cols = dims
+    if tuple(compressed.shape) != (rows, cols // 2) or tuple(bitmask.shape) != (rows, (cols + 7) // 8) \
+            or bitmask.dtype != torch.uint8:
+        raise ValueError(f"{where}: compressed {tuple(compressed.shape)} / bitmask {tuple(bitmask.shape)} "
+                         f"{bitmask.dtype} do not fit shape {dims}")
+    keep = torch.from_numpy(np.unpackbits(bitmask.numpy(), axis=-1, count=cols, bitorder="little").astype(bool))
+    if int(keep.sum()) != compressed.numel():
+        raise ValueError(f"{where}: bitmask keeps {int(keep.sum())} values but {compressed.numel()} are stored")
+    out = torch.zeros(rows, cols, dtype=compressed.dtype)
+    out[keep] = compressed.flatten()
+    return out
+
+
+def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict without tied duplicates (safetensors refuses shared storage) and alias -> kept name."""
+    state, aliases, first = {}, {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.device) if t.numel() else None
+        if key is not None and key in first:
+            aliases[name] = first[key]
+            continue
+        if key is not None:
+            first[key] = name
+        state[name] = t.detach()
+    return state, aliases
+
+
+def _config_dict(model: nn.Module) -> dict:
+    if is_hf_causal_lm(model):
+        cfg = model.config.to_dict()
+        cfg.pop("quantization_config", None)
+        return cfg
+    return {"mrp_module": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def save_compressed(model: nn.Module, directory: str | os.PathLike) -> CompressedReport:
+    """Write `model` as config.json + model.safetensors, 2:4 nn.Linear weights as values + bitmask. Atomic."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    state, aliases = _unique_state(model)
+    tensors: dict[str, torch.Tensor] = {}
+    compressed_layers, dense_linears = [], []
+    dense_bytes = comp_bytes = 0
+    linears = {f"{n}.weight": n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    zeros = total = 0
+    for name, t in state.items():
+        if t.is_floating_point():
+            zeros += int((t == 0).sum())
+            total += t.numel()
+        module = linears.get(name)
+        if module is None:
+            tensors[name] = t.cpu().contiguous()
+            continue
+        tied = name in aliases.values()
+        if not tied and t.dim() == 2 and t.shape[1] % 4 == 0 and is_nm_sparse(t, 2, 4):
+            parts = compress_24(t)
+            for suffix, value in parts.items():
+                tensors[f"{module}.{suffix}"] = value
+            compressed_layers.append(module)
+            dense_bytes += t.numel() * t.element_size()
+            comp_bytes += sum(parts[k].numel() * parts[k].element_size() for k in ("compressed", "bitmask"))
+        else:
+            dense_linears.append(module)
+            tensors[name] = t.cpu().contiguous()
+    dense_linears += [linears[a] for a in aliases if a in linears]
+
+    config = _config_dict(model)
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "version": COMPRESSED_TENSORS_VERSION,
+        "sparsity_config": {
+            "format": FORMAT,
+            "sparsity_structure": "2:4",
+            "targets": ["Linear"],
+            "ignore": sorted(set(dense_linears)),
+            "global_sparsity": round(zeros / total, 6) if total else 0.0,
+            "registry_requires_subclass": False,  # older compressed-tensors pydantic dumps carry this key
+        },
+        "transform_config": {},
+    }
+    with atomic_dir(directory) as tmp:
+        # safetensors metadata: "format": "pt" as transformers expects; aliases let us re-tie shared weights.
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "mrp_aliases": json.dumps(aliases)})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        file_bytes = (tmp / WEIGHTS_FILE).stat().st_size
+    return CompressedReport(path=str(directory), compressed_layers=compressed_layers, dense_linears=dense_linears,
+                            dense_bytes=dense_bytes, compressed_bytes=comp_bytes, file_bytes=file_bytes)
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; {directory} is not a compressed checkpoint directory")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return config
+
+
+def is_compressed_checkpoint(directory: str | os.PathLike) -> bool:
+    try:
+        sparsity = (read_config(directory).get("quantization_config") or {}).get("sparsity_config") or {}
+    except ValueError:
+        return False
+    return sparsity.get("format") == FORMAT
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; ValueError naming the file for anything unreadable."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise ValueError(f"{path}: missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118
+    except Exception as e:  # safetensors raises its own SafetensorError / OSError / RuntimeError variants
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or foreign?): {e}") from None
+
+
+def _model_from_config(config: dict, directory: Path, dtype: torch.dtype) -> nn.Module:
+    if "model_type" not in config:
+        raise ValueError(f"{directory / CONFIG_FILE}: no model_type (not a Hugging Face config); "
+                         "pass the model instance: load_compressed(dir, model=...)")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
+    # built in the stored dtype, as from_pretrained(dtype=...) would, so unsaved buffers match the weights
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **kwargs), dtype=dtype)
+
+
+def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+    """Decompress a checkpoint written by save_compressed (or compressed-tensors, same format) into a model.
+
+    Without `model`, a Hugging Face model is rebuilt from config.json and takes the stored tensors as they are
+    (dtype included). With `model`, its tensors are overwritten in place (copied to its dtype / device)."""
+    directory = Path(directory)
+    config = read_config(directory)
+    sparsity = (config.get("quantization_config") or {}).get("sparsity_config") or {}
+    if sparsity.get("format") not in (FORMAT, "dense"):
+        raise ValueError(f"{directory / CONFIG_FILE}: sparsity_config.format is {sparsity.get('format')!r}, "
+                         f"expected {FORMAT!r}")
+    raw, metadata = _read_tensors(directory / WEIGHTS_FILE)
+    state: dict[str, torch.Tensor] = {}
+    prefixes = {k.rsplit(".", 1)[0] for k in raw if k.endswith(SUFFIXES)}
+    for prefix in prefixes:
+        parts = [raw.get(prefix + s) for s in SUFFIXES]
+        if any(p is None for p in parts):
+            raise ValueError(f"{directory / WEIGHTS_FILE}: {prefix} lacks one of {', '.join(SUFFIXES)}")
+        state[f"{prefix}.weight"] = decompress_24(*parts, where=f"{directory / WEIGHTS_FILE}: {prefix}")
+    state.update({k: v for k, v in raw.items() if not k.endswith(SUFFIXES)})
+    try:
+        aliases = json.loads(metadata.get("mrp_aliases", "{}"))
+    except json.JSONDecodeError:
+        aliases = {}
+
+    built = model is None
+    if built:
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        model = _model_from_config(config, directory, max(set(floats), key=floats.count) if floats else torch.float32)
+    for alias, kept in aliases.items():
+        if kept in state:
+            state.setdefault(alias, state[kept])
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=built)
+    if built and hasattr(model, "tie_weights"):
+        model.tie_weights()  # HF ties lm_head to the embedding again when the config says so
+    missing = [k for k in missing if k not in aliases]
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_FILE} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    return model.eval()

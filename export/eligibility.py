@@ -1,0 +1,189 @@
+"""Which 2:4 linear layers can run on sparse tensor cores, and why the others run dense.
+
+Users' most common complaint with 2:4 is "no speedup": this report tells them before they deploy.
+Pure logic (no GPU needed): the rules come from the sources cited next to each table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from mrp_pass import is_nm_sparse
+
+# Sparse tensor cores exist from Ampere (compute capability 8.0) on: A100, A10, RTX 30xx, L4, H100, H200.
+MIN_CAPABILITY = (8, 0)
+
+# torch.sparse.to_sparse_semi_structured: minimum (and multiple-of) rows, cols of the sparse weight [out, in],
+# per backend and dtype. Copied from torch/sparse/semi_structured.py (torch 2.13),
+# SparseSemiStructuredTensor{CUSPARSELT,CUTLASS}._DTYPE_SHAPE_CONSTRAINTS (sparse_min_rows, sparse_min_cols);
+# `torch_shape_rules` prefers the live table of the installed torch when it has one.
+TORCH_SHAPE_RULES: dict[str, dict[torch.dtype, tuple[int, int]]] = {
+    "cusparselt": {
+        torch.float8_e4m3fn: (32, 32),
+        torch.int8: (32, 32),
+        torch.float16: (16, 16),
+        torch.bfloat16: (16, 16),
+    },
+    "cutlass": {
+        torch.int8: (16, 128),
+        torch.float16: (32, 64),
+        torch.bfloat16: (32, 64),
+        torch.float32: (32, 32),
+    },
+}
+
+# TensorRT (Developer Guide, "Structured Sparsity"; builder flag kSPARSE_WEIGHTS): 2:4 along the input channels
+# (K) of constant weights of Convolution / FullyConnected / MatrixMultiply layers, sparse tactics for FP16 and
+# INT8 precision on compute capability >= 8.0. The alignment below is not a documented hard rule but the
+# tensor-core tile alignment TensorRT's sparse tactics need in practice (16 fp16 / 32 int8 elements); a layer
+# that passes may still run dense if a dense tactic times faster. `trtexec --sparsity=enable --verbose` prints
+# the authoritative "Layers eligible for sparse math" list for a built engine.
+TENSORRT_DTYPES = {torch.float16: 16, torch.int8: 32}
+
+
+def torch_shape_rules(backend: str) -> dict[torch.dtype, tuple[int, int]]:
+    """(min rows, min cols) per dtype for `backend` ('cusparselt' | 'cutlass'), from torch itself when possible."""
+    cls_name = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT", "cutlass": "SparseSemiStructuredTensorCUTLASS"}
+    cls = getattr(torch.sparse, cls_name[backend], None)
+    table = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None)
+    if isinstance(table, dict) and table:
+        return {dt: (c.sparse_min_rows, c.sparse_min_cols) for dt, c in table.items()}
+    return TORCH_SHAPE_RULES[backend]
+
+
+def torch_sparse_reason(shape: tuple[int, int], dtype: torch.dtype, backend: str = "cusparselt") -> str | None:
+    """None when a 2:4 weight of `shape` [out, in] and `dtype` converts with to_sparse_semi_structured, else why not."""
+    rules = torch_shape_rules(backend)
+    if dtype not in rules:
+        return f"{backend}: dtype {str(dtype).replace('torch.', '')} unsupported"
+    min_rows, min_cols = rules[dtype]
+    rows, cols = shape
+    if rows < min_rows or rows % min_rows or cols < min_cols or cols % min_cols:
+        return f"{backend}: shape {rows}x{cols} must be a multiple of {min_rows}x{min_cols}"
+    return None
+
+
+def tensorrt_reason(shape: tuple[int, int], dtype: torch.dtype) -> str | None:
+    """None when TensorRT can pick a sparse tactic for this weight, else why it runs dense."""
+    if dtype not in TENSORRT_DTYPES:
+        return f"TensorRT: {str(dtype).replace('torch.', '')} (sparse tactics need fp16/int8)"
+    align = TENSORRT_DTYPES[dtype]
+    rows, cols = shape
+    if rows % align or cols % align:
+        return f"TensorRT: dims {rows}x{cols} not multiples of {align}"
+    return None
+
+
+def capability_reason(capability: tuple[int, int] | None) -> str | None:
+    """None when the device has sparse tensor cores; `capability` None means no CUDA device."""
+    if capability is None:
+        return "no CUDA device: sparse tensor cores need an NVIDIA GPU with compute capability >= 8.0"
+    if tuple(capability) < MIN_CAPABILITY:
+        return f"compute capability {capability[0]}.{capability[1]} < 8.0 has no sparse tensor cores"
+    return None
+
+
+def current_capability() -> tuple[int, int] | None:
+    return torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+
+
+@dataclass
+class LayerEligibility:
+    name: str
+    shape: tuple[int, int]
+    dtype: str
+    is_2_4: bool
+    torch_sparse: str | None  # None = eligible; else the reason it runs dense
+    cutlass: str | None
+    tensorrt: str | None
+
+    @property
+    def runs_dense(self) -> bool:
+        return not self.is_2_4 or (self.torch_sparse is not None and self.cutlass is not None
+                                   and self.tensorrt is not None)
+
+
+@dataclass
+class EligibilityReport:
+    layers: list[LayerEligibility]
+    dtype: str | None  # target dtype the rules were checked for (None = each weight's own dtype)
+    device: str  # which device the check describes
+    device_reason: str | None  # None when the device has sparse tensor cores
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sparse_layers(self) -> list[LayerEligibility]:
+        return [entry for entry in self.layers if entry.is_2_4]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "linear": len(self.layers),
+            "2:4": len(self.sparse_layers),
+            "torch_sparse": sum(e.is_2_4 and (e.torch_sparse is None or e.cutlass is None) for e in self.layers),
+            "tensorrt": sum(e.is_2_4 and e.tensorrt is None for e in self.layers),
+        }
+
+    def to_dict(self) -> dict:
+        return {"dtype": self.dtype, "device": self.device, "device_reason": self.device_reason,
+                "counts": self.counts(), "notes": self.notes, "layers": [asdict(e) for e in self.layers]}
+
+    def table(self, max_rows: int | None = 40) -> str:
+        """A plain-text table: one row per linear, 'sparse' or the reason it runs dense, per engine."""
+
+        def cell(reason: str | None, is_24: bool) -> str:
+            if not is_24:
+                return "dense (not 2:4)"
+            return "sparse" if reason is None else f"dense: {reason.split(': ', 1)[-1]}"
+
+        head = ["layer", "shape", "dtype", "2:4", "torch-sparse (cuSPARSELt)", "torch-sparse (CUTLASS)", "TensorRT"]
+        rows = [[e.name, f"{e.shape[0]}x{e.shape[1]}", e.dtype, "yes" if e.is_2_4 else "no",
+                 cell(e.torch_sparse, e.is_2_4), cell(e.cutlass, e.is_2_4), cell(e.tensorrt, e.is_2_4)]
+                for e in self.layers]
+        shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max_rows]
+        widths = [max(len(str(r[i])) for r in [head, *shown]) for i in range(len(head))]
+        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *shown]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if len(shown) < len(rows):
+            lines.append(f"... {len(rows) - len(shown)} more layers (see the JSON report)")
+        c = self.counts()
+        lines.append(f"{c['2:4']}/{c['linear']} linear layers are 2:4; eligible for sparse kernels: "
+                     f"torch-sparse {c['torch_sparse']}, TensorRT {c['tensorrt']} (rules checked for dtype "
+                     f"{self.dtype or 'as stored'})")
+        lines.append(f"device: {self.device}" + (f" -> everything runs dense here: {self.device_reason}"
+                                                  if self.device_reason else " (sparse tensor cores present)"))
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def linear_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(module name, weight [out, in]) of every nn.Linear, in module order."""
+    return [(name, mod.weight) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+
+
+def eligibility(model: nn.Module, dtype: torch.dtype | None = None,
+                capability: tuple[int, int] | str | None = "auto") -> EligibilityReport:
+    """Check every nn.Linear of `model` for 2:4 and the sparse-kernel rules.
+
+    `dtype`: the dtype the deployed engine will use (e.g. fp16 for TensorRT), default each weight's own.
+    `capability`: (major, minor) of the target GPU, None for "no GPU", "auto" for this machine's."""
+    cap = current_capability() if capability == "auto" else capability
+    layers = []
+    for name, w in linear_weights(model):
+        dt = dtype or w.dtype
+        shape = (int(w.shape[0]), int(w.shape[1]))
+        layers.append(LayerEligibility(
+            name=name, shape=shape, dtype=str(dt).replace("torch.", ""), is_2_4=is_nm_sparse(w.detach(), 2, 4),
+            torch_sparse=torch_sparse_reason(shape, dt, "cusparselt"),
+            cutlass=torch_sparse_reason(shape, dt, "cutlass"),
+            tensorrt=tensorrt_reason(shape, dt)))
+    device = "none (CPU only)" if cap is None else f"CUDA compute capability {cap[0]}.{cap[1]}"
+    notes = []
+    small = [e.name for e in layers if e.is_2_4 and min(e.shape) < 1024]
+    if small:
+        # Measured on A100/H100 by NVIDIA and PyTorch: 2:4 GEMMs gain little below ~1k x 1k weights or few tokens.
+        notes.append(f"{len(small)} 2:4 layers have a dimension < 1024: expect little or no speedup from them")
+    return EligibilityReport(layers=layers, dtype=str(dtype).replace("torch.", "") if dtype else None,
+                             device=device, device_reason=capability_reason(cap), notes=notes)

@@ -1,0 +1,159 @@
+"""export.to_onnx: torch's dynamo ONNX exporter, dynamic batch / sequence axes, 2:4 verified in the written file."""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mrp_pass import is_nm_sparse
+
+from .atomic import atomic_files
+from .eligibility import EligibilityReport, eligibility, linear_weights
+from .onnx_check import InitializerCheck, check_onnx_2_4, fingerprint
+from .wrap import as_tuple, cast_inputs, cast_model, is_hf_causal_lm, param_bytes, wrap
+
+# A protobuf message cannot exceed 2 GiB; stay clear of it (the graph itself needs room too).
+EXTERNAL_DATA_BYTES = int(1.8 * 2**30)
+
+
+@dataclass
+class ExportReport:
+    path: str
+    format: str
+    dtype: str
+    files: dict[str, int]  # file -> bytes
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    checks: list[InitializerCheck] = field(default_factory=list)
+    pruned_layers: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)  # pruned layers whose weight was not located in the file
+    eligibility: EligibilityReport | None = None
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Every pruned layer's weight was found in the file and is still 2:4."""
+        return not self.unverified and all(c.is_2_4 for c in self.checks if c.layer)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "format": self.format, "dtype": self.dtype, "files": self.files,
+                "dynamic_axes": self.dynamic_axes, "ok": self.ok, "pruned_layers": self.pruned_layers,
+                "unverified": self.unverified, "checks": [c.to_dict() for c in self.checks],
+                "eligibility": self.eligibility.to_dict() if self.eligibility else None,
+                "seconds": round(self.seconds, 2), "notes": self.notes}
+
+    def __str__(self) -> str:
+        size = ", ".join(f"{Path(f).name} {b / 2**20:.1f} MiB" for f, b in self.files.items())
+        lines = [f"{self.format} export: {self.path} ({self.dtype}; {size}; {self.seconds:.1f} s)"]
+        if self.dynamic_axes:
+            lines.append("dynamic axes: " + ", ".join(f"{k}{v}" for k, v in self.dynamic_axes.items()))
+        if self.checks:
+            matched = [c for c in self.checks if c.layer]
+            good = sum(c.is_2_4 for c in matched)
+            lines.append(f"2:4 in the file: {good}/{len(self.pruned_layers)} pruned layers verified "
+                         f"({len(self.checks)} MatMul/Gemm weights inspected)")
+            for c in matched:
+                lines.append(f"  {c.initializer:>14} {c.op:<6} {'x'.join(map(str, c.shape)):>10} axis {c.axis} "
+                             f"{'2:4' if c.is_2_4 else 'NOT 2:4'}  <- {c.layer}")
+        if self.unverified:
+            lines.append(f"WARNING: {len(self.unverified)} pruned layers not located in the file: "
+                         + ", ".join(self.unverified[:5]))
+        lines.extend(f"note: {n}" for n in self.notes)
+        if self.eligibility:
+            lines.append(self.eligibility.table())
+        return "\n".join(lines)
+
+
+def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], hf: bool) -> tuple[tuple, dict[str, dict[int, str]], tuple]:
+    """(dynamic_shapes for torch.export, a readable {input: {axis: name}}, example inputs widened past size 1).
+
+    torch.export specialises a dimension whose example size is 0 or 1, so a size-1 batch / sequence is tiled to 2
+    for tracing; the traced graph is the same for every size."""
+    Dim = torch.export.Dim
+    widened, specs, readable = [], [], {}
+    for i, t in enumerate(inputs):
+        if hf:
+            axes = {0: "batch", 1: "seq"} if t.dim() >= 2 else {0: "batch"}
+        else:
+            axes = {0: "batch"} if t.dim() >= 1 else {}
+        for axis in axes:
+            if t.shape[axis] == 1:
+                t = torch.cat([t, t], dim=axis)
+        widened.append(t)
+        # LLMs: named dims (export fails loudly if the model cannot be dynamic there); others: AUTO (specialise
+        # quietly where the model needs a fixed size, e.g. a reshape to a constant).
+        specs.append({a: (Dim(n) if hf else Dim.AUTO) for a, n in axes.items()} or None)
+        if axes:
+            readable[f"input_{i}" if not hf else "input_ids"] = axes
+    return tuple(specs), readable, tuple(widened)
+
+
+def pruned_fingerprints(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, list[str]], list[str]]:
+    """fingerprint -> layer names for every 2:4 nn.Linear weight (in the export dtype), and those names."""
+    table: dict[str, list[str]] = {}
+    names = []
+    for name, w in linear_weights(model):
+        w = w.detach()
+        if w.dim() == 2 and is_nm_sparse(w, 2, 4):
+            names.append(name)
+            table.setdefault(fingerprint(w.to(dtype).float().cpu().numpy()), []).append(name)
+    return table, names
+
+
+def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+            dynamic: bool = True) -> ExportReport:
+    """Export `model` (any nn.Module; HF causal LMs as input_ids -> logits without KV cache) to ONNX.
+
+    Weights are initializers in the .onnx file, or in `<file>.data` past ~1.8 GiB. After writing, every 2:4
+    nn.Linear weight is located in the file and its 2:4 pattern checked along its reduction axis; a weight that
+    lost it raises RuntimeError (the file is not kept). The write is atomic."""
+    if dtype not in (torch.float32, torch.float16):
+        raise ValueError(f"ONNX export supports float32 and float16, got {dtype}")
+    start = time.perf_counter()
+    path = Path(path)
+    hf = is_hf_causal_lm(model)
+    inputs = cast_inputs(as_tuple(example_inputs), dtype)
+    if hf and (len(inputs) != 1 or inputs[0].is_floating_point()):
+        raise ValueError("a Hugging Face causal LM is exported as input_ids -> logits: pass one integer tensor "
+                         "[batch, seq] as example_inputs")
+    src = cast_model(model, dtype)
+    module, input_names, output_names = wrap(src)
+    input_names = input_names or [f"input_{i}" for i in range(len(inputs))]
+    specs, readable, traced_inputs = _dynamic_shapes(inputs, hf) if dynamic else ((), {}, inputs)
+    external = param_bytes(src) > EXTERNAL_DATA_BYTES
+    expected, pruned = pruned_fingerprints(src, dtype)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable for users
+        program = torch.onnx.export(
+            module, traced_inputs, None, dynamo=True, input_names=input_names, output_names=output_names,
+            # HF wrapper: forward(input_ids); others: forward(*inputs), whose specs nest one level deeper.
+            dynamic_shapes=(specs if hf else (specs,)) if dynamic else None, external_data=external, verbose=False)
+    if program is None:
+        raise RuntimeError("torch.onnx.export(dynamo=True) returned no program")
+
+    with atomic_files(path) as tmp:
+        program.save(str(tmp / path.name), external_data=external)
+        checks = check_onnx_2_4(str(tmp / path.name), expected)
+        lost = [c for c in checks if c.layer and not c.is_2_4]
+        if lost:
+            raise RuntimeError("the exported file lost the 2:4 pattern of: "
+                               + ", ".join(f"{c.layer} ({c.initializer})" for c in lost))
+        files = {str(path.parent / f.name): f.stat().st_size for f in sorted(tmp.iterdir())}
+
+    located = {name for c in checks if c.layer for name in c.layer.split(", ")}
+    notes = []
+    if external:
+        notes.append("weights in external data (model > 1.8 GiB); keep the .data file next to the .onnx")
+    if not hf and dynamic:
+        notes.append("dim 0 of each input exported as dynamic where the model allows it (Dim.AUTO)")
+    return ExportReport(path=str(path), format="onnx", dtype=str(dtype).replace("torch.", ""), files=files,
+                        dynamic_axes=readable, checks=checks, pruned_layers=pruned,
+                        unverified=[n for n in pruned if n not in located],
+                        eligibility=eligibility(src, dtype=dtype), seconds=time.perf_counter() - start, notes=notes)

@@ -1,0 +1,106 @@
+"""export.to_tensorrt: torch-tensorrt through torch.export, 2:4 weights as constants, sparse tactics enabled.
+
+Writes `<path>.ep` (torch_tensorrt.save, loads with torch_tensorrt.load / runtime.load) and `<path>.engine` (raw
+serialized engine for `trtexec --loadEngine` or any TensorRT runtime). Needs CUDA, an NVIDIA GPU and
+torch-tensorrt matching the torch minor version; without them it fails before doing any work.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .atomic import atomic_files
+from .eligibility import eligibility
+from .onnx_export import ExportReport, pruned_fingerprints
+from .wrap import as_tuple, cast_inputs, cast_model, is_hf_causal_lm, wrap
+
+INSTALL_HINT = (
+    'pip install "mrp-trt[trt]" (torch-tensorrt {minor}.x, matching torch {torch}; needs an NVIDIA GPU with '
+    "compute capability >= 8.0 for 2:4 sparse tensor cores, a CUDA build of torch and the NVIDIA driver)"
+)
+
+
+def install_hint() -> str:
+    minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return INSTALL_HINT.format(minor=minor, torch=torch.__version__)
+
+
+def require_tensorrt() -> None:
+    """Raise at once, naming what is missing, when TensorRT export cannot work here."""
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"a CUDA build of torch (this is {torch.__version__}, CPU only)")
+    elif not torch.cuda.is_available():
+        missing.append("a visible CUDA GPU (torch.cuda.is_available() is False)")
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        missing.append("the torch-tensorrt package")
+    if missing:
+        raise RuntimeError("TensorRT export needs " + " and ".join(missing) + ". Install: " + install_hint())
+
+
+def tensorrt_settings(dtype: torch.dtype = torch.float16, accepted: set[str] | None = None) -> dict:
+    """Keyword arguments for torch_tensorrt.dynamo.compile / convert_exported_program_to_serialized_trt_engine.
+
+    `accepted`: the parameter names the installed function takes (settings it lacks are dropped, so one
+    code path serves torch-tensorrt versions before and after `enabled_precisions` was deprecated)."""
+    if dtype not in (torch.float16, torch.float32, torch.bfloat16):
+        raise ValueError(f"TensorRT export supports float16, bfloat16 and float32, got {dtype}")
+    settings = {
+        "sparse_weights": True,  # kSPARSE_WEIGHTS: let the builder pick 2:4 sparse tactics
+        "immutable_weights": True,  # weights baked in as constants: refittable engines get no sparse tactics
+        "use_explicit_typing": True,  # the model is cast to `dtype` beforehand; respect its types
+        "enabled_precisions": {dtype},  # older torch-tensorrt: how to allow fp16 kernels
+        "min_block_size": 1,
+        "truncate_double": True,
+    }
+    if accepted is not None:
+        settings = {k: v for k, v in settings.items() if k in accepted}
+        if "use_explicit_typing" in settings:
+            settings.pop("enabled_precisions", None)  # the two are exclusive in versions that have both
+    return settings
+
+
+def _accepted(fn) -> set[str] | None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None  # takes **kwargs: cannot tell, pass everything
+    return set(params)
+
+
+def to_tensorrt(model: nn.Module, example_inputs, path: str | os.PathLike,
+                dtype: torch.dtype = torch.float16) -> ExportReport:
+    """Compile `model` with torch-tensorrt (sparse_weights=True) and write `<path stem>.ep` and `.engine`."""
+    require_tensorrt()
+    import torch_tensorrt
+
+    start = time.perf_counter()
+    path = Path(path)
+    ep_path, engine_path = path.with_suffix(".ep"), path.with_suffix(".engine")
+    inputs = tuple(t.cuda() for t in cast_inputs(as_tuple(example_inputs), dtype))
+    src = cast_model(model, dtype).cuda().eval()
+    module, _, _ = wrap(src)
+    _, pruned = pruned_fingerprints(src, dtype)
+    with torch.no_grad():
+        exported = torch.export.export(module, inputs, strict=False)
+        compile_fn = torch_tensorrt.dynamo.compile
+        trt_gm = compile_fn(exported, arg_inputs=list(inputs), **tensorrt_settings(dtype, _accepted(compile_fn)))
+        to_engine = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine
+        engine = to_engine(exported, arg_inputs=list(inputs), **tensorrt_settings(dtype, _accepted(to_engine)))
+    with atomic_files(path.with_suffix(".ep")) as tmp:
+        torch_tensorrt.save(trt_gm, str(tmp / ep_path.name), arg_inputs=list(inputs))
+        (tmp / engine_path.name).write_bytes(bytes(engine))
+        files = {str(path.parent / f.name): f.stat().st_size for f in sorted(tmp.iterdir())}
+    notes = ["static shapes: the engine is built for the example input shapes",
+             f"verify sparse tactics: trtexec --loadEngine={engine_path} --verbose (look for sparse layers)"]
+    if is_hf_causal_lm(model):
+        notes.append("HF model exported as input_ids -> logits (use_cache=False)")
+    return ExportReport(path=str(ep_path), format="tensorrt", dtype=str(dtype).replace("torch.", ""), files=files,
+                        pruned_layers=pruned, eligibility=eligibility(src, dtype=dtype),
+                        seconds=time.perf_counter() - start, notes=notes)

@@ -1,0 +1,141 @@
+"""Compressed checkpoints (compressed-tensors sparse-24-bitmask): layout, bit-exact round trip, size, bad files."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from export import load_compressed, save_compressed
+from export.compressed import compress_24, decompress_24
+from mrp_pass import Sparsity
+
+
+def _tiny_llama(dtype=torch.float16):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval().to(dtype)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                mod.weight.mul_(Sparsity(n=2, m=4).mask(mod.weight.abs().float()).to(dtype))
+    return model
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Raw bits, with -0.0 folded into +0.0 (the format stores no pruned entries, see export/compressed.py)."""
+    t = t + 0 if t.is_floating_point() else t
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 else t
+
+
+def _assert_same(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        assert torch.equal(_bits(sa[k]), _bits(sb[k])), k
+
+
+def test_round_trip_from_config_is_bit_exact(tmp_path):
+    model = _tiny_llama()
+    report = save_compressed(model, tmp_path / "ck")
+    assert len(report.compressed_layers) == 14 and report.dense_linears == ["lm_head"]
+    assert report.ratio == pytest.approx(9 / 16)  # fp16: 8 bits of values + 1 bit of mask per element
+    loaded = load_compressed(tmp_path / "ck")
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    _assert_same(model, loaded)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():  # not bit-equal: unsaved buffers (rotary inv_freq) are recomputed, not cast from fp32
+        torch.testing.assert_close(model(ids).logits, loaded(ids).logits, atol=2e-2, rtol=0)
+
+
+def test_round_trip_into_a_model_instance(tmp_path):
+    model = _tiny_llama(torch.float32)
+    save_compressed(model, tmp_path / "ck")
+    fresh = _tiny_llama(torch.float32)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)
+    _assert_same(model, load_compressed(tmp_path / "ck", model=fresh))
+
+
+def test_layout_matches_compressed_tensors(tmp_path):
+    model = _tiny_llama()
+    save_compressed(model, tmp_path / "ck")
+    config = json.loads((tmp_path / "ck" / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "compressed-tensors"
+    s = q["sparsity_config"]
+    assert s["format"] == "sparse-24-bitmask" and s["sparsity_structure"] == "2:4"
+    assert s["targets"] == ["Linear"] and s["ignore"] == ["lm_head"] and 0 < s["global_sparsity"] < 1
+    with safe_open(str(tmp_path / "ck" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        prefix = "model.layers.0.mlp.down_proj"  # weight [64, 128]
+        assert {f"{prefix}.shape", f"{prefix}.compressed", f"{prefix}.bitmask"} <= keys
+        assert f"{prefix}.weight" not in keys and "lm_head.weight" in keys
+        assert f.get_tensor(f"{prefix}.shape").tolist() == [[64], [128]]
+        assert f.get_tensor(f"{prefix}.compressed").shape == (64, 64)
+        assert f.get_tensor(f"{prefix}.compressed").dtype == torch.float16
+        bitmask = f.get_tensor(f"{prefix}.bitmask")
+        assert bitmask.shape == (64, 16) and bitmask.dtype == torch.uint8
+
+
+def test_bitmask_is_packed_little_endian_along_rows():
+    w = torch.tensor([[1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 3.0, 4.0]])
+    parts = compress_24(w)
+    assert parts["bitmask"].tolist() == [[0b11000011]]  # bit i of byte j = column 8j + i
+    assert parts["compressed"].tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    # a group with fewer than 2 non-zeros still stores 2 values (compressed-tensors reshapes to [rows, cols/2])
+    w2 = torch.tensor([[0.0, 5.0, 0.0, 0.0]])
+    assert compress_24(w2)["compressed"].shape == (1, 2)
+    assert torch.equal(decompress_24(**compress_24(w2)), w2)
+
+
+def test_non_24_linears_are_stored_dense(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 4))
+    report = save_compressed(model, tmp_path / "ck")
+    assert report.compressed_layers == [] and report.dense_linears == ["0", "1"]
+    out = load_compressed(tmp_path / "ck", model=torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 4)))
+    _assert_same(model, out)
+    with pytest.raises(ValueError, match="model_type"):
+        load_compressed(tmp_path / "ck")  # not a HF config: needs a model instance
+
+
+def test_overwrite_is_atomic_and_leaves_no_temp(tmp_path):
+    save_compressed(_tiny_llama(), tmp_path / "ck")
+    save_compressed(_tiny_llama(), tmp_path / "ck")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_truncated_and_foreign_files_raise_value_error(tmp_path):
+    save_compressed(_tiny_llama(), tmp_path / "ck")
+    weights = tmp_path / "ck" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        load_compressed(tmp_path / "ck")
+    weights.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        load_compressed(tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json"):
+        load_compressed(tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({"quantization_config": {
+        "sparsity_config": {"format": "marlin-24"}}}))
+    with pytest.raises(ValueError, match="marlin-24"):
+        load_compressed(tmp_path / "ck")
+    with pytest.raises(ValueError, match=r"config\.json"):
+        load_compressed(tmp_path / "nowhere")
+
+
+def test_inconsistent_tensors_raise_value_error():
+    parts = compress_24(torch.tensor([[1.0, 0.0, 2.0, 0.0]]))
+    with pytest.raises(ValueError, match="do not fit"):
+        decompress_24(parts["shape"], parts["compressed"][:, :1], parts["bitmask"], where="x")
+    with pytest.raises(ValueError, match="keeps"):
+        decompress_24(parts["shape"], parts["compressed"], torch.tensor([[0b1111]], dtype=torch.uint8), where="x")

@@ -1,0 +1,51 @@
+"""TensorRT export: the settings it builds, and a clear, immediate failure without CUDA / torch-tensorrt."""
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from export import require_tensorrt, tensorrt_settings, to_tensorrt
+from mrp_pass import cli
+
+HAVE_TRT = torch.cuda.is_available() and importlib.util.find_spec("torch_tensorrt") is not None
+
+
+def test_settings_enable_sparse_constant_weights():
+    s = tensorrt_settings(torch.float16)
+    assert s["sparse_weights"] is True and s["immutable_weights"] is True
+    assert s["enabled_precisions"] == {torch.float16} and s["use_explicit_typing"] is True
+
+
+def test_settings_follow_the_installed_signature():
+    old = tensorrt_settings(torch.float16, accepted={"sparse_weights", "enabled_precisions", "min_block_size"})
+    assert old == {"sparse_weights": True, "enabled_precisions": {torch.float16}, "min_block_size": 1}
+    new = tensorrt_settings(torch.float16, accepted={"sparse_weights", "immutable_weights", "use_explicit_typing",
+                                                     "enabled_precisions"})
+    assert "enabled_precisions" not in new and new["use_explicit_typing"] is True
+
+
+def test_settings_reject_bad_dtype():
+    with pytest.raises(ValueError, match="float16"):
+        tensorrt_settings(torch.int64)
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="this machine has CUDA and torch-tensorrt")
+def test_fails_at_once_naming_what_is_missing(tmp_path):
+    with pytest.raises(RuntimeError) as info:
+        require_tensorrt()
+    msg = str(info.value)
+    assert "torch-tensorrt" in msg and 'pip install "mrp-trt[trt]"' in msg and "NVIDIA GPU" in msg
+    start = time.perf_counter()
+    with pytest.raises(RuntimeError, match="TensorRT export needs"):
+        to_tensorrt(object(), torch.zeros(1), tmp_path / "m")  # never touches the (bogus) model
+    assert time.perf_counter() - start < 1.0
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="this machine has CUDA and torch-tensorrt")
+def test_cli_reports_missing_tensorrt_before_loading(tmp_path, capsys):
+    code = cli.main(["export", "--model", str(tmp_path / "nowhere"), "--format", "tensorrt", "--out", "x"])
+    assert code == 2
+    assert "torch-tensorrt" in capsys.readouterr().err
