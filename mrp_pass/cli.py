@@ -17,6 +17,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--device", default=None, help="calibration device (default: cuda if available, else cpu)")
     p.add_argument("--out", required=True, help="output directory (HF save_pretrained layout + report.json)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,100 @@
+"""`mrp prune` and `mrp eval`: the command-line face of the pass (arguments are declared in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def default_device(name: str | None) -> torch.device:
+    return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _plain_config(model) -> None:
+    """The pruned weights are dense float tensors now: a GGUF-loaded model must not be saved with a
+    quantization_config claiming otherwise (from_pretrained would try to quantize or refuse)."""
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+
+
+def save_pruned(model, tokenizer, report, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write model (HF save_pretrained layout), tokenizer and report.json to `out` atomically: all of
+    it goes to a temporary sibling directory that is renamed into place, so `out` is never half-written."""
+    out = Path(out)
+    _check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _plain_config(model)
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        report.save_json(tmp / "report.json")
+        if out.exists():  # replace: move the old one aside first, so a failure leaves one complete directory
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .data import calibration_windows
+    from .models import load_model, load_tokenizer
+    from .prune import prune
+    from .solvers import check_options
+
+    check_options(args.sparsity, args.method, args.blocksize, args.percdamp, None)  # fail before minutes of loading
+    _check_out(Path(args.out), getattr(args, "overwrite", False))
+    device = default_device(args.device)
+    t0 = time.perf_counter()
+    model = load_model(args.model)  # stays on the CPU: weights visit `device` while their layer is calibrated
+    tokenizer = load_tokenizer(args.model)
+    calib = calibration_windows(tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
+    print(f"pruning {args.model} to {args.sparsity} with {args.method} on {len(calib)} x {args.calib_seqlen} "
+          f"calibration tokens (device {device})", flush=True)
+    report = prune(model, calib, args.sparsity, args.method, blocksize=args.blocksize, percdamp=args.percdamp,
+                   device=device, progress=not getattr(args, "no_progress", False))
+    print(report)
+    out = save_pruned(model, tokenizer, report, args.out, overwrite=getattr(args, "overwrite", False))
+    print(f"saved the pruned model and report.json to {out} ({time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import evaluation_windows, perplexity
+    from .models import load_model, load_tokenizer
+
+    device = default_device(args.device)
+    model = load_model(args.model, device=device)
+    tokenizer = load_tokenizer(args.model)
+    seqlen, nwindows = (2048, None) if args.full else (args.seqlen, args.windows)
+    windows = evaluation_windows(tokenizer, seqlen, nwindows)
+    if not windows:
+        raise ValueError(f"the test split is shorter than one window of {seqlen} tokens")
+    ppl = perplexity(model, windows, device, progress=True)
+    what = "whole test split" if args.full else "quick slice of the test split"
+    print(f"{args.model}: WikiText-2 perplexity {ppl:.3f} ({what}: {len(windows)} windows x {seqlen} tokens)")
+    return 0
