@@ -48,8 +48,10 @@ def require_tensorrt() -> None:
 def tensorrt_settings(dtype: torch.dtype = torch.float16, accepted: set[str] | None = None) -> dict:
     """Keyword arguments for torch_tensorrt.dynamo.compile / convert_exported_program_to_serialized_trt_engine.
 
-    `accepted`: the parameter names the installed function takes (settings it lacks are dropped, so one
-    code path serves torch-tensorrt versions before and after `enabled_precisions` was deprecated)."""
+    `accepted`: the parameter names the installed function takes; settings it lacks are dropped, so one code
+    path serves torch-tensorrt versions before and after `enabled_precisions` was deprecated. Without it (or
+    for a function taking **kwargs) the current API is assumed: explicit typing from the model's dtype, which
+    excludes `enabled_precisions` (torch-tensorrt rejects fp16 precisions under explicit typing)."""
     if dtype not in (torch.float16, torch.float32, torch.bfloat16):
         raise ValueError(f"TensorRT export supports float16, bfloat16 and float32, got {dtype}")
     settings = {
@@ -62,8 +64,8 @@ def tensorrt_settings(dtype: torch.dtype = torch.float16, accepted: set[str] | N
     }
     if accepted is not None:
         settings = {k: v for k, v in settings.items() if k in accepted}
-        if "use_explicit_typing" in settings:
-            settings.pop("enabled_precisions", None)  # the two are exclusive in versions that have both
+    if "use_explicit_typing" in settings:
+        settings.pop("enabled_precisions", None)
     return settings
 
 

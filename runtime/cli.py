@@ -1,0 +1,76 @@
+"""`mrp bench --engine PATH [--dense PATH] --batch 1,4 --seqlen 128`: table, bench.json and bench.png."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .bench import BenchResult, benchmark
+from .engines import load
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["batch", "seqlen", "mean ms", "p50", "p90", "p99", "throughput", "dense mean ms", "speedup"]
+    lines = []
+    for r in rows:
+        d = r.get("dense")
+        lines.append([str(r["batch"]), str(r["seqlen"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
+                      f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput']:.0f} {r['unit']}",
+                      f"{d['mean_ms']:.2f}" if d else "-", f"{r['speedup']:.3f}x" if d else "-"])
+    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+    fmt = lambda row: "  ".join(v.rjust(w) for v, w in zip(row, widths))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def plot(rows: list[dict], path: Path, title: str) -> str | None:
+    """Latency vs batch, sparse vs dense; returns a note instead when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on servers
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot (pip install \"mrp-trt[plot]\")"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    batches = [r["batch"] for r in rows]
+    ax.plot(batches, [r["mean_ms"] for r in rows], "o-", label="2:4 engine")
+    if all(r.get("dense") for r in rows):
+        ax.plot(batches, [r["dense"]["mean_ms"] for r in rows], "s--", label="dense")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("latency (ms, mean)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    if not batches or min(batches) < 1:
+        raise ValueError(f"--batch needs positive comma-separated sizes, got {args.batch!r}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = load(args.engine, device=device)
+    dense = load(args.dense, device=device) if args.dense else None
+    print(f"engine: {args.engine} ({engine.describe()})" + (f"\ndense: {args.dense} ({dense.describe()})"
+                                                            if dense else ""))
+    rows = []
+    for batch in batches:
+        inputs = engine.example_inputs(batch, args.seqlen)
+        result: BenchResult = benchmark(engine, inputs, warmup=args.warmup, iters=args.iters, dense=dense)
+        rows.append({"batch": batch, "seqlen": args.seqlen, **result.to_dict()})
+    print(format_table(rows))
+    out = Path(args.out) if args.out else Path(args.engine).resolve().parent
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"engine": str(args.engine), "provider": engine.provider, "dense": args.dense,
+               "dense_provider": dense.provider if dense else None, "device": device, "rows": rows}
+    (out / "bench.json").write_text(json.dumps(payload, indent=2))
+    note = plot(rows, out / "bench.png", f"{Path(args.engine).name} vs {Path(args.dense).name if dense else '-'}"
+                f" ({engine.provider}, seqlen {args.seqlen})")
+    print(f"wrote {out / 'bench.json'}" + (f"; {note}" if note else f" and {out / 'bench.png'}"))
+    return 0

@@ -1,0 +1,204 @@
+"""runtime.load: one callable engine per artifact kind; torch tensors in, the main output (logits) out."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from mrp_pass.data import main_output
+
+_ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                 "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+class Engine:
+    """Common surface: __call__(*tensors) -> tensor, `device`, `provider` (what actually runs it), `kind`."""
+
+    kind = "engine"
+    device = torch.device("cpu")
+    provider = "?"
+    vocab_size: int | None = None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def example_inputs(self, batch: int, seqlen: int) -> tuple[torch.Tensor, ...]:
+        """Random inputs of the engine's kind: token ids [batch, seqlen] for LLMs."""
+        vocab = self.vocab_size or 32000
+        return (torch.randint(0, vocab, (batch, seqlen), device=self.device),)
+
+    def describe(self) -> str:
+        return f"{self.kind} on {self.provider}"
+
+
+class TorchEngine(Engine):
+    """A torch module (a decompressed checkpoint, a dense HF directory, a TensorRT .ep program)."""
+
+    def __init__(self, module: nn.Module, device: str | torch.device = "cpu", kind: str = "torch",
+                 provider: str | None = None) -> None:
+        self.module, self.kind, self.device = module, kind, torch.device(device)
+        self.provider = provider or f"torch ({self.device.type})"
+        config = getattr(module, "config", None)
+        self.vocab_size = getattr(config, "vocab_size", None)
+        self._hf = config is not None and hasattr(module, "generation_config")
+
+    @torch.no_grad()
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        inputs = tuple(t.to(self.device) for t in inputs)
+        if self._hf:
+            return main_output(self.module(input_ids=inputs[0], use_cache=False))
+        return main_output(self.module(*inputs))
+
+
+def choose_providers(available: list[str], device: str, fp16: bool) -> list:
+    """ONNX Runtime providers, best first: TensorRT EP (2:4 sparse tactics on), CUDA EP, CPU EP."""
+    if torch.device(device).type != "cuda":
+        return ["CPUExecutionProvider"]
+    chosen: list = []
+    if "TensorrtExecutionProvider" in available:
+        # trt_sparsity_enable: let TensorRT pick 2:4 sparse tactics; fp16 only when the model is fp16 already,
+        # so an fp32 model keeps fp32 numerics.
+        chosen.append(("TensorrtExecutionProvider", {"trt_sparsity_enable": True, "trt_fp16_enable": fp16}))
+    if "CUDAExecutionProvider" in available:
+        chosen.append("CUDAExecutionProvider")
+    return [*chosen, "CPUExecutionProvider"]
+
+
+class OnnxEngine(Engine):
+    """An onnxruntime session; inputs go in by position in the graph's input order."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, device: str = "cpu", providers: list | None = None,
+                 threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        fp16 = "float16" in _onnx_input_or_output_types(path)
+        providers = providers or choose_providers(ort.get_available_providers(), device, fp16)
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.provider = ", ".join(self.session.get_providers())
+        self.inputs = self.session.get_inputs()
+        out_shape = self.session.get_outputs()[0].shape
+        self.vocab_size = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"the ONNX graph takes {len(self.inputs)} inputs "
+                             f"({', '.join(i.name for i in self.inputs)}), got {len(inputs)}")
+        feed = {}
+        for spec, t in zip(self.inputs, inputs):
+            arr = t.detach().cpu().numpy()
+            want = _ORT_TO_NUMPY.get(spec.type)
+            feed[spec.name] = arr.astype(want, copy=False) if want is not None else arr
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+    def example_inputs(self, batch: int, seqlen: int) -> tuple[torch.Tensor, ...]:
+        out = []
+        for spec in self.inputs:
+            # symbolic dims: the first is the batch, the second the sequence; fixed dims keep their size
+            dims = [d if isinstance(d, int) else (batch if i == 0 else seqlen) for i, d in enumerate(spec.shape)]
+            if spec.type in ("tensor(int64)", "tensor(int32)"):
+                out.append(torch.randint(0, self.vocab_size or 32000, dims))
+            else:
+                out.append(torch.randn(dims))
+        return tuple(out)
+
+
+def _onnx_input_or_output_types(path: str | os.PathLike) -> str:
+    """Element types of the graph's inputs and outputs, read without loading the weights."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    names = [onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()
+             for v in [*model.graph.input, *model.graph.output]]
+    return " ".join(names)
+
+
+def _require_torch_tensorrt(path: Path):
+    from export.tensorrt_export import install_hint
+
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{path}: TensorRT engines need a CUDA GPU (none visible). Install: {install_hint()}")
+    try:
+        import torch_tensorrt
+    except ImportError:
+        raise ImportError(f"{path}: a TensorRT engine needs torch-tensorrt. Install: {install_hint()}") from None
+    return torch_tensorrt
+
+
+class TensorRTEngine(Engine):
+    """A raw serialized TensorRT engine (.engine), run with the tensorrt Python API on torch CUDA tensors."""
+
+    kind = "tensorrt"
+    device = torch.device("cuda")
+
+    def __init__(self, path: Path) -> None:
+        _require_torch_tensorrt(path)
+        import tensorrt as trt
+
+        logger = trt.Logger(trt.Logger.WARNING)
+        self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise ValueError(f"{path}: TensorRT could not deserialize it (other TensorRT version or not an engine)")
+        self.context = self.engine.create_execution_context()
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        self.provider = f"TensorRT {trt.__version__}"
+        self._trt = trt
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        trt, stream = self._trt, torch.cuda.current_stream()
+        inputs = [t.cuda().contiguous() for t in inputs]
+        for name, t in zip(self.input_names, inputs):
+            want = _torch_dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            t = t.to(want)
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        outputs = []
+        for name in self.output_names:
+            dtype = _torch_dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            self.context.set_tensor_address(name, out.data_ptr())
+            outputs.append(out)
+        self.context.execute_async_v3(stream.cuda_stream)
+        return outputs[0]
+
+
+def _torch_dtype(np_dtype) -> torch.dtype:
+    return torch.from_numpy(np.zeros(1, dtype=np_dtype)).dtype
+
+
+def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = None) -> Engine:
+    """A callable engine for `.onnx` (onnxruntime), `.ep` / `.engine` (TensorRT), or a checkpoint directory
+    (compressed 2:4 checkpoint, or a plain Hugging Face model directory as a dense baseline)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"engine {path} does not exist")
+    if path.is_dir():
+        from export.compressed import is_compressed_checkpoint, load_compressed
+
+        if is_compressed_checkpoint(path):
+            model = load_compressed(path).to(device)
+            return TorchEngine(model, device, kind="compressed checkpoint")
+        from mrp_pass.models import load_model
+
+        return TorchEngine(load_model(str(path), device=device), device, kind="HF model")
+    suffix = path.suffix.lower()
+    if suffix == ".onnx":
+        return OnnxEngine(path, device=device, providers=providers)
+    if suffix == ".ep":
+        torch_tensorrt = _require_torch_tensorrt(path)
+        program = torch_tensorrt.load(str(path))
+        module = program.module() if hasattr(program, "module") else program
+        return TorchEngine(module, "cuda", kind="tensorrt (.ep)", provider="torch-tensorrt")
+    if suffix in (".engine", ".plan", ".trt"):
+        return TensorRTEngine(path)
+    raise ValueError(f"{path}: unknown engine kind; expected .onnx, .ep, .engine or a checkpoint directory")

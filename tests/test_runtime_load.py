@@ -1,0 +1,88 @@
+"""runtime.load: ONNX Runtime and compressed-checkpoint engines called like the model; provider choice; errors."""
+
+import json
+
+import pytest
+import torch
+
+from export import save_compressed, to_onnx
+from mrp_pass import Sparsity, cli
+from runtime import OnnxEngine, TorchEngine, choose_providers, load
+
+
+@pytest.fixture(scope="module")
+def mlp_onnx(tmp_path_factory):
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    with torch.no_grad():
+        mlp[0].weight.mul_(Sparsity(n=2, m=4).mask(mlp[0].weight.abs()))
+    d = tmp_path_factory.mktemp("eng")
+    to_onnx(mlp, torch.randn(2, 32), d / "mlp.onnx")
+    return mlp, d / "mlp.onnx"
+
+
+def test_onnx_engine_called_like_the_model(mlp_onnx):
+    mlp, path = mlp_onnx
+    engine = load(path)
+    assert isinstance(engine, OnnxEngine) and engine.provider == "CPUExecutionProvider"
+    x = torch.randn(3, 32)
+    out = engine(x)
+    assert isinstance(out, torch.Tensor)
+    with torch.no_grad():
+        torch.testing.assert_close(out, mlp(x), atol=1e-5, rtol=0)
+    (example,) = engine.example_inputs(batch=4, seqlen=10)
+    assert example.shape == (4, 32) and example.is_floating_point()
+    with pytest.raises(ValueError, match="takes 1 inputs"):
+        engine(x, x)
+
+
+def test_compressed_checkpoint_engine(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    save_compressed(model, tmp_path / "ck")
+    engine = load(tmp_path / "ck")
+    assert isinstance(engine, TorchEngine) and engine.kind == "compressed checkpoint"
+    (ids,) = engine.example_inputs(2, 5)
+    assert ids.shape == (2, 5) and int(ids.max()) < 96
+    with torch.no_grad():
+        torch.testing.assert_close(engine(ids), model(ids).logits)
+
+
+def test_provider_choice():
+    avail = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    first, second, third = choose_providers(avail, "cuda", fp16=True)
+    assert first == ("TensorrtExecutionProvider", {"trt_sparsity_enable": True, "trt_fp16_enable": True})
+    assert (second, third) == ("CUDAExecutionProvider", "CPUExecutionProvider")
+    assert choose_providers(avail, "cuda", fp16=False)[0][1]["trt_fp16_enable"] is False
+    assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", False)[0] == \
+        "CUDAExecutionProvider"
+    assert choose_providers(avail, "cpu", fp16=True) == ["CPUExecutionProvider"]
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.onnx")
+    (tmp_path / "x.bin").write_bytes(b"0")
+    with pytest.raises(ValueError, match="unknown engine kind"):
+        load(tmp_path / "x.bin")
+    if not torch.cuda.is_available():
+        for name in ("m.ep", "m.engine"):
+            (tmp_path / name).write_bytes(b"0")
+            with pytest.raises((RuntimeError, ImportError), match=r"torch-tensorrt|CUDA"):
+                load(tmp_path / name)
+
+
+def test_bench_cli_writes_json_and_plot(mlp_onnx, tmp_path, capsys):
+    _, path = mlp_onnx
+    code = cli.main(["bench", "--engine", str(path), "--dense", str(path), "--batch", "1,2", "--seqlen", "4",
+                     "--warmup", "1", "--iters", "3", "--out", str(tmp_path)])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "items/s" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["batch"] for r in data["rows"]] == [1, 2] and all(r["speedup"] > 0 for r in data["rows"])
+    assert (tmp_path / "bench.png").stat().st_size > 0
