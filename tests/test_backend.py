@@ -1,0 +1,413 @@
+"""torch.compile(model, backend="mrp_trt"): pruning, freezing, engines, guards and options, on CPU.
+
+Tolerances: the compiled model is compared with a copy pruned eagerly by mrp_pass.prune on the same
+calibration set; the weights must be identical (same pass, same data) and the outputs equal up to float32
+round-off of a different kernel order (atol 1e-5 for the MLP, 1e-4 for the tiny Llama's logits).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import mrp_pass.backend as backend
+from mrp_pass import is_nm_sparse
+from mrp_pass.backend import (
+    EngineUnavailableError,
+    OptionsError,
+    choose_engine,
+    parse_options,
+    tensorrt_settings,
+    torch_sparse_plan,
+)
+from mrp_pass.prune import prune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class MLP(nn.Module):
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.out = nn.Linear(32, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(32, 64)
+        self.down = nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Stack(nn.Module):
+    """Two blocks and a head; with `graph_break`, dynamo splits the forward between the blocks."""
+
+    def __init__(self, graph_break: bool, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(32, 8)
+        self.graph_break = graph_break
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks[0](x)
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        x = self.blocks[1](x)
+        return self.head(x)
+
+
+def calibration(n: int = 4, width: int = 32, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, width, generator=g) for _ in range(n)]
+
+
+def opts(tmp_path: Path, **kw) -> dict:
+    return {"calibration": calibration(), "output_dir": str(tmp_path), "progress": False, **kw}
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()  # each test compiles from scratch: no graph reused from another test
+    yield
+    torch._dynamo.reset()
+
+
+def linears(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def compile_and_check(model: nn.Module, x: torch.Tensor, options: dict, atol: float = 1e-5) -> torch.Tensor:
+    """Compile, run, and compare with an eagerly pruned copy: same weights, same outputs."""
+    reference = copy.deepcopy(model)
+    prune(reference, options.get("calibration") or [x], options.get("sparsity", "2:4"), options.get("method", "mrp"),
+          progress=False)
+    compiled = torch.compile(model, backend="mrp_trt", options=options)
+    with torch.no_grad():
+        y = compiled(x)
+        expected = reference(x)
+    for name, w in linears(model).items():
+        assert torch.equal(w, linears(reference)[name]), name
+    torch.testing.assert_close(y, expected, atol=atol, rtol=1e-4)
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration and the one-line use
+
+
+def test_entry_point_without_importing_mrp_pass(tmp_path):
+    """The design card's line in a fresh interpreter that never imports mrp_pass itself."""
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))\n"
+        "x = torch.randn(4, 16)\n"
+        f"c = torch.compile(m, backend='mrp_trt', options={{'engine': 'eager', 'output_dir': {str(tmp_path)!r}, "
+        "'calibration': [x], 'progress': False})\n"
+        "c(x)\n"
+        "w = m[0].weight.reshape(32, 4, 4)\n"
+        "assert bool(((w != 0).sum(-1) <= 2).all())\n"
+        "print('OK', 'mrp_pass.backend' in sys.modules)\n"
+    )
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "OK True" in done.stdout
+
+
+def test_mlp_auto_runs_on_onnxruntime_with_engine_file_and_report(tmp_path):
+    model = MLP()
+    x = torch.randn(5, 32)
+    compile_and_check(model, x, opts(tmp_path))
+    for w in linears(model).values():
+        assert is_nm_sparse(w)
+    report = backend.report_for(model)
+    assert report is backend.last_report()
+    assert report.engine == "onnxruntime" and "no CUDA device" in report.reason
+    assert report.pruned_layers == ["fc1", "fc2", "out"]
+    files = [Path(f) for f in report.files]
+    assert files and all(f.suffix == ".onnx" and f.is_file() and f.parent == tmp_path for f in files)
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["engine"] == "onnxruntime"
+    assert [layer["name"] for layer in saved["prune"]["layers"]] == ["fc1", "fc2", "out"]
+    assert any("3/3 MatMul/Gemm weights are 2:4" in n for n in saved["graphs"][0]["notes"])
+    assert all(is_nm_sparse(v) for k, v in model.state_dict().items() if k.endswith("weight"))
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_tiny_llama_auto(tmp_path):
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    calib = [torch.randint(0, 128, (1, 16), generator=g) for _ in range(4)]
+    x = torch.randint(0, 128, (2, 16), generator=g)
+    reference = copy.deepcopy(model)
+    # sparsegpt keeps this test quick on 2 shared cores; the MLP tests cover the default method (mrp)
+    prune(reference, calib, method="sparsegpt", progress=False)
+    compiled = torch.compile(model, backend="mrp_trt", options={"calibration": calib, "output_dir": str(tmp_path),
+                                                                "method": "sparsegpt", "progress": False})
+    with torch.no_grad():
+        logits = compiled(x).logits
+        expected = reference(x).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    report = backend.report_for(model)
+    assert report.engine == "onnxruntime"
+    assert len(report.pruned_layers) == 14  # 7 linears x 2 layers; lm_head (vocabulary projection) skipped
+    for name, w in linears(model).items():
+        assert is_nm_sparse(w) == (name != "lm_head"), name
+        assert torch.equal(w, linears(reference)[name]), name
+    assert any(Path(f).is_file() for f in report.files)
+
+
+# ----------------------------------------------------------------------------------------------
+# Engines available on CPU
+
+
+@pytest.mark.parametrize("engine", ["eager", "onnxruntime"])
+def test_engines_on_cpu(tmp_path, engine):
+    model = MLP()
+    compile_and_check(model, torch.randn(5, 32), opts(tmp_path, engine=engine))
+    report = backend.report_for(model)
+    assert report.engine == engine and report.reason == "requested"
+    assert bool(report.files) == (engine == "onnxruntime")
+
+
+def test_inductor_engine(tmp_path):
+    model = nn.Sequential(nn.Linear(16, 16))
+    x = torch.randn(4, 16)
+    compile_and_check(model, x, {"calibration": [x], "output_dir": str(tmp_path), "progress": False,
+                                 "engine": "inductor"})
+    assert backend.report_for(model).engine == "inductor"
+
+
+def test_dtype_float16_on_onnxruntime_returns_model_dtype(tmp_path):
+    model = MLP()
+    x = torch.randn(5, 32)
+    compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, dtype="float16"))
+    with torch.no_grad():
+        y = compiled(x)
+        expected = model(x)  # the pruned fp32 model
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, atol=2e-2, rtol=2e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Graph breaks, recompiles, instances
+
+
+def test_graph_break_prunes_the_same_layers(tmp_path):
+    x = torch.randn(5, 32)
+    results = {}
+    for brk in (False, True):
+        torch._dynamo.reset()
+        model = Stack(graph_break=brk)
+        compile_and_check(model, x, opts(tmp_path / str(brk)))
+        report = backend.report_for(model)
+        results[brk] = (report.pruned_layers, linears(model), len(report.graphs))
+    assert results[True][0] == results[False][0] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down",
+                                                 "head"]
+    assert results[True][2] >= 2 and results[False][2] == 1  # the break really split the graph
+    for name, w in results[False][1].items():
+        assert torch.equal(w, results[True][1][name]), name
+
+
+def test_recompile_does_not_prune_twice(tmp_path, monkeypatch):
+    calls = []
+    prune_module = sys.modules["mrp_pass.prune"]  # the package's `prune` attribute is the function
+    real = prune_module.prune
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prune_module, "prune", counting)
+    model = MLP()
+    compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, engine="eager"))
+    with torch.no_grad():
+        compiled(torch.randn(5, 32))
+        before = {k: v.clone() for k, v in linears(model).items()}
+        compiled(torch.randn(7, 32))  # new batch size: dynamo recompiles
+        compiled(torch.randn(9, 32))
+    assert len(calls) == 1
+    assert len(backend.report_for(model).graphs) >= 2
+    for k, v in linears(model).items():
+        assert torch.equal(v, before[k])
+
+
+def test_two_instances_get_their_own_weights(tmp_path):
+    """Dynamo reuses the graph compiled for `a` when `b` (same class) is called: b must run b's weights,
+    pruned on b's own calibration set, never a's."""
+    a, b = MLP(seed=0), MLP(seed=1)
+    ref_a, ref_b = copy.deepcopy(a), copy.deepcopy(b)
+    calib_a, calib_b = calibration(seed=1), calibration(seed=2)
+    prune(ref_a, calib_a, progress=False)
+    prune(ref_b, calib_b, progress=False)
+    ca = torch.compile(a, backend="mrp_trt", options={"calibration": calib_a, "output_dir": str(tmp_path / "a"),
+                                                     "progress": False, "engine": "eager"})
+    cb = torch.compile(b, backend="mrp_trt", options={"calibration": calib_b, "output_dir": str(tmp_path / "b"),
+                                                     "progress": False, "engine": "eager"})
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        ya, yb, ya2 = ca(x), cb(x), ca(x)
+        torch.testing.assert_close(ya, ref_a(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(yb, ref_b(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(ya2, ya, atol=0, rtol=0)
+    for name, w in linears(b).items():
+        assert torch.equal(w, linears(ref_b)[name]), name
+    assert backend.report_for(a) is not backend.report_for(b)
+    assert (tmp_path / "b" / "report.json").is_file()
+
+
+def test_weights_modified_in_place_rebuild_the_engine(tmp_path):
+    model = MLP()
+    x = torch.randn(5, 32)
+    compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, engine="onnxruntime"))
+    with torch.no_grad():
+        compiled(x)
+        model.out.weight.mul_(2)  # the frozen ONNX file holds the old values: it must not be used any more
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+    assert any("modified in place" in n for n in backend.report_for(model).notes)
+
+
+def test_compiled_function_reading_a_global_model(tmp_path):
+    model = MLP()
+    reference = copy.deepcopy(model)
+    calib = calibration()
+    prune(reference, calib, progress=False)
+
+    def run(x):
+        return model(x) * 2
+
+    compiled = torch.compile(run, backend="mrp_trt", options=opts(tmp_path, engine="eager"))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x) * 2, atol=1e-5, rtol=1e-4)
+    assert backend.report_for(model).pruned_layers == ["fc1", "fc2", "out"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Options
+
+
+def test_calibration_absent_warns_and_uses_the_first_call(tmp_path):
+    model = MLP()
+    x = torch.randn(6, 32)
+    reference = copy.deepcopy(model)
+    prune(reference, [x], progress=False)
+    compiled = torch.compile(model, backend="mrp_trt", options={"output_dir": str(tmp_path), "engine": "eager",
+                                                                "progress": False})
+    with pytest.warns(UserWarning, match="inputs of this first call of MLP are the calibration set"), torch.no_grad():
+        y = compiled(x)
+    torch.testing.assert_close(y, reference(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"sparsty": "2:4"}, r"unknown option 'sparsty'; valid options: sparsity, method, calibration, engine"),
+    ({"engine": "tensorrtt"}, r"unknown engine 'tensorrtt'; valid engines: auto, tensorrt, torch-sparse"),
+    ({"sparsity": "3:2"}, r"invalid sparsity '3:2'"),
+    ({"method": "obs"}, r"unknown method 'obs'"),
+    ({"blocksize": 6}, r"blocksize must be a positive integer multiple of M=4"),
+    ({"dtype": "int8"}, r"unknown dtype 'int8'"),
+    ({"calibration": torch.randn(4, 32)}, r"calibration must be an iterable of model inputs.*\[batch\]"),
+    ({"calibration": []}, r"calibration is empty"),
+    ({"mode": "fast"}, r"unknown mode 'fast'"),
+])
+def test_bad_options_fail_clearly_at_compile_time(tmp_path, options, message):
+    model = MLP()
+    before = {k: v.clone() for k, v in linears(model).items()}
+    compiled = torch.compile(model, backend="mrp_trt", options={"output_dir": str(tmp_path), **options})
+    with pytest.raises(ValueError, match=message) as info:
+        compiled(torch.randn(5, 32))
+    assert isinstance(info.value, OptionsError)  # not wrapped in dynamo's BackendCompilerFailed
+    assert all(torch.equal(v, before[k]) for k, v in linears(model).items())  # nothing pruned
+
+
+def test_option_spellings_and_mode():
+    o = parse_options({"layer filter": ["fc1"], "output-dir": "x", "dtype": "fp16"}, mode="max-autotune")
+    assert o.layer_filter == ["fc1"] and o.output_dir == Path("x") and o.dtype == torch.float16
+    assert o.mode == "max-autotune"
+
+
+def test_layer_filter_option(tmp_path):
+    model = MLP()
+    compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, engine="eager", layer_filter=["fc2"]))
+    with torch.no_grad():
+        compiled(torch.randn(5, 32))
+    assert backend.report_for(model).pruned_layers == ["fc2"]
+    assert is_nm_sparse(model.fc2.weight) and not is_nm_sparse(model.fc1.weight)
+
+
+def test_unavailable_engine_fails_clearly(tmp_path):
+    compiled = torch.compile(MLP(), backend="mrp_trt", options={"engine": "tensorrt", "output_dir": str(tmp_path)})
+    with pytest.raises(RuntimeError, match="engine 'tensorrt' needs") as info:
+        compiled(torch.randn(5, 32))
+    assert isinstance(info.value, EngineUnavailableError)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU engines: choice, settings and eligibility logic without a GPU
+
+
+def test_choose_engine_logic():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    pick = choose_engine
+    assert pick("auto", cuda, tensorrt_installed=True, onnxruntime_installed=True, capability=(9, 0))[0] == "tensorrt"
+    assert pick("auto", cuda, tensorrt_installed=False, onnxruntime_installed=True,
+                capability=(8, 0))[0] == "torch-sparse"
+    engine, why = pick("auto", cuda, tensorrt_installed=False, onnxruntime_installed=True, capability=(7, 5))
+    assert engine == "onnxruntime" and "no sparse tensor cores" in why
+    engine, why = pick("auto", cpu, tensorrt_installed=True, onnxruntime_installed=True, capability=None)
+    assert engine == "onnxruntime" and "no CUDA device" in why
+    assert pick("auto", cpu, tensorrt_installed=False, onnxruntime_installed=False, capability=None)[0] == "inductor"
+    with pytest.raises(EngineUnavailableError, match="pip install"):
+        pick("tensorrt", cuda, tensorrt_installed=False, onnxruntime_installed=True, capability=(9, 0))
+    with pytest.raises(EngineUnavailableError, match="compute capability"):
+        pick("torch-sparse", cuda, tensorrt_installed=False, onnxruntime_installed=True, capability=(7, 5))
+    with pytest.raises(EngineUnavailableError, match="CUDA device"):
+        pick("torch-sparse", cpu, tensorrt_installed=False, onnxruntime_installed=True, capability=None)
+    assert pick("inductor", cpu, tensorrt_installed=False, onnxruntime_installed=False, capability=None) == (
+        "inductor", "requested")
+
+
+def test_tensorrt_settings():
+    s = tensorrt_settings(None)
+    assert s["sparse_weights"] is True and torch.float16 in s["enabled_precisions"]
+    assert tensorrt_settings(torch.float32)["enabled_precisions"] == {torch.float32}
+
+
+def test_torch_sparse_plan():
+    dense = torch.randn(64, 64, dtype=torch.float16)
+    sparse = dense * torch.tensor([1, 0, 1, 0], dtype=torch.float16).repeat(16)
+    odd = torch.randn(24, 40, dtype=torch.float16) * torch.tensor([1, 1, 0, 0], dtype=torch.float16).repeat(10)
+    weights = {"dense": dense, "sparse": sparse, "odd": odd}
+    plan = torch_sparse_plan(weights, (8, 0), backends=["cusparselt", "cutlass"])
+    assert plan["dense"] == (None, "not 2:4")
+    assert plan["sparse"] == ("cusparselt", "ok")
+    assert plan["odd"][0] is None and "multiple of" in plan["odd"][1]
+    no_gpu = torch_sparse_plan(weights, None, backends=["cutlass"])
+    assert no_gpu["sparse"][0] is None and "no CUDA device" in no_gpu["sparse"][1]
+    assert torch_sparse_plan({"w": sparse}, (7, 5), backends=["cutlass"])["w"][0] is None
