@@ -286,7 +286,8 @@ def _retarget(value, device: torch.device):
 class _Walk:
     """Executes a graph over all calibration samples node by node, pruning groups on the way."""
 
-    def __init__(self, gm: fx.GraphModule, inputs: list[list], device: torch.device, retarget: bool):
+    def __init__(self, gm: fx.GraphModule, inputs: list[list], device: torch.device, retarget: bool,
+                 sites: list[LinearSite]):
         self.gm, self.device, self.retarget = gm, device, retarget
         self.nsamples = len(inputs)
         self.nodes = list(gm.graph.nodes)
@@ -300,13 +301,22 @@ class _Walk:
         for n in self.nodes:
             for a in n.all_input_nodes:
                 last_use[a] = n
+        # A weight's transposes/casts may be recomputed after their weight is pruned (refresh): their
+        # inputs stay alive until the linear that reads them has run.
+        position = {n: i for i, n in enumerate(self.nodes)}
+        for s in sites:
+            for a in (a for c in s.weight_chain for a in c.all_input_nodes):
+                if position[s.node] > position[last_use[a]]:
+                    last_use[a] = s.node
         self.frees: dict[fx.Node, list[fx.Node]] = defaultdict(list)
         for a, n in last_use.items():
             self.frees[n].append(a)
         self.values: dict[fx.Node, list] = {}  # per-sample values of varying nodes
         self.consts: dict[fx.Node, Any] = {}  # single values of sample-independent nodes
         self.placeholder_index = {n: i for i, n in enumerate(n for n in self.nodes if n.op == "placeholder")}
-        self.lazy: set[fx.Node] = set()  # weights: read when a user runs (see evaluate_lazy)
+        # Weights and the sample-independent transposes/casts on them: read when a user runs (evaluate_lazy).
+        self.lazy = {n for s in sites for n in s.weight_chain if n not in self.varying}
+        self.lazy |= {n for n in self.nodes if n.op == "get_attr"}
 
     def lookup(self, node: fx.Node, i: int, lazy_values: dict):
         if node in lazy_values:
@@ -343,7 +353,7 @@ class _Walk:
             return self.gm.get_submodule(node.target)(*args, **kwargs)
         raise RuntimeError(f"cannot execute node {node.name} of op {node.op!r}")
 
-    def run_node(self, node: fx.Node) -> None:
+    def run_node(self, node: fx.Node, free: bool = True) -> None:
         if node.op == "placeholder":
             index = self.placeholder_index[node]
             self.values[node] = [sample[index] for sample in self.inputs]
@@ -360,6 +370,8 @@ class _Walk:
                     self.values[node] = [self.call(node, i, lazy_values) for i in range(self.nsamples)]
                 else:
                     self.consts[node] = self.call(node, 0, lazy_values)
+        if not free:
+            return
         for a in self.frees.get(node, ()):
             self.values.pop(a, None)
             self.consts.pop(a, None)
@@ -371,7 +383,7 @@ class _Walk:
         """Recompute already-computed values derived from a weight that was just pruned."""
         for n in nodes:
             if n in self.values or n in self.consts:
-                self.run_node(n)
+                self.run_node(n, free=False)
 
     def input_values(self, node: fx.Node) -> list:
         return self.values[node] if node in self.values else [self.consts[node]]
@@ -402,9 +414,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
     for s in todo:
         groups[s.input, s.weight_left].append(s)
 
-    walk = _Walk(gm, inputs, calib_device, retarget=device is not None)
-    walk.lazy = {n for s in sites for n in s.weight_chain if n not in walk.varying}
-    walk.lazy |= {n for n in walk.nodes if n.op == "get_attr"}
+    walk = _Walk(gm, inputs, calib_device, retarget=device is not None, sites=sites)
     site_of = {s.node: s for s in todo}
     done: set[tuple] = set()
     bar = _progress_bar(len(todo), progress)
