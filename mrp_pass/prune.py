@@ -38,7 +38,7 @@ from .solvers import check_options, solve
 
 log = logging.getLogger(__name__)
 
-LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str] | None
+LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str | type] | None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,10 +188,12 @@ def _to(value, device: torch.device | None):
 def _matches(layer_filter, name: str, module: nn.Module | None, shape: tuple) -> bool:
     if callable(layer_filter):
         return bool(layer_filter(name, module, shape))
-    if isinstance(layer_filter, str):
+    if isinstance(layer_filter, (str, type)):
         layer_filter = [layer_filter]
-    # Each entry is a regular expression searched in the name; a plain substring is one too.
-    return any(re.search(p, name) for p in layer_filter)
+    # A class selects layers whose module is an instance of it; a string is a regular expression searched
+    # in the name (a plain substring is one too).
+    return any(isinstance(module, p) if isinstance(p, type) else re.search(p, name) is not None
+               for p in layer_filter)
 
 
 def _plan(gm: fx.GraphModule, sites: list[LinearSite], m: int, layer_filter, vocab: set[int]
@@ -478,7 +480,8 @@ def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float
     calibration: items of a Tensor (one positional argument), a tuple/list (positional arguments) or a
     dict (keyword arguments) for `gm`. The tensors the linears' weights come from (get_attr targets)
     are overwritten in place. layer_filter: None (default rule, see `_plan`), a callable
-    (name, module or None, [out, in] shape) -> bool, or a list of name substrings / regular expressions.
+    (name, module or None, [out, in] shape) -> bool, or a list of name substrings / regular expressions
+    and module classes (a layer is kept when any entry matches).
     device: where calibration runs (default: the device of the calibration tensors); weights stay
     where they are and visit it while their node runs. solver_kwargs go to mrp_pass.solve."""
     return _run_pass(gm, calibration, sparsity, method, layer_filter=layer_filter, blocksize=blocksize,

@@ -307,6 +307,13 @@ def test_layer_filter_names_regex_and_callable():
     assert {layer.name.rsplit(".", 1)[-1] for layer in report.pruned} == {"q_proj", "o_proj"}
     assert ("model.layers.0.mlp.up_proj", "Linear") in seen  # the model's own module is passed
 
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    report = prune(model, xs(), method="magnitude", layer_filter=[nn.ReLU, "^2$"], progress=False)
+    assert [layer.name for layer in report.pruned] == ["2"]
+    report = prune(nn.Sequential(nn.Linear(16, 8)), xs(), method="magnitude", layer_filter=[nn.Linear],
+                   progress=False)
+    assert [layer.name for layer in report.pruned] == ["0"]
+
 
 def test_width_not_multiple_of_m_is_skipped():
     model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 8))

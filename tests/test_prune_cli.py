@@ -74,9 +74,11 @@ def test_bad_arguments_fail_cleanly(tiny_dir, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_real_model_smoke(tmp_path, capsys):
-    """SmolLM2-135M (GGUF) pruned through the CLI with a tiny calibration set, saved, reloaded, evaluated."""
+    """SmolLM2-135M (GGUF) pruned through the CLI with a tiny calibration set, saved, reloaded, evaluated.
+    Magnitude keeps the solves instant: this checks the plumbing (capture, walk, save, reload), not the
+    solvers, whose 210 solves take many minutes on two shared CPU cores."""
     out = tmp_path / "smol"
-    assert main(["prune", "--model", "smollm2-135m", "--method", "sparsegpt", "--calib-samples", "4",
+    assert main(["prune", "--model", "smollm2-135m", "--method", "magnitude", "--calib-samples", "4",
                  "--calib-seqlen", "128", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
     assert "210 layers pruned" in capsys.readouterr().out
     model = load_model(out)  # the saved GGUF-loaded model reloads as a plain HF checkpoint
