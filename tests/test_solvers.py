@@ -1,0 +1,198 @@
+"""Layer solvers on synthetic layers with correlated inputs (issue 3)."""
+
+import itertools
+
+import pytest
+import torch
+
+from mrp_pass import METHODS, Hessian, is_nm_sparse, solve
+from mrp_pass.solvers import solve_mrp_block
+
+
+def correlated_layer(rows=32, cols=64, tokens=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols)
+    x = mix @ torch.randn(cols, tokens, generator=g) + 0.5 * torch.randn(cols, 1, generator=g)
+    w = torch.randn(rows, cols, generator=g)
+    return w, x.double(), 2 * x @ x.T
+
+
+def ls_refit(w, x, keep):
+    """Brute force: for each row, least squares of the kept weights against the dense output."""
+    out = torch.zeros_like(w, dtype=torch.float64)
+    for i in range(w.shape[0]):
+        k = keep[i]
+        out[i, k] = torch.linalg.lstsq(x[k].T, w[i].double() @ x).solution
+    return out
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_group_of_a_2_4_result_has_two_zeros(method):
+    w, _, h = correlated_layer()
+    r = solve(w, h, "2:4", method=method)
+    groups = r.weight.reshape(w.shape[0], -1, 4)
+    assert ((groups == 0).sum(-1) == 2).all()
+    assert torch.equal(r.mask, r.weight != 0)
+    assert torch.isfinite(r.weight).all()
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reported_loss_equals_direct_measurement(method):
+    w, x, h = correlated_layer()
+    r = solve(w, h, "2:4", method=method)
+    direct = ((r.weight.double() - w.double()) @ x).pow(2).sum().item()
+    assert r.loss == pytest.approx(direct, rel=1e-4)
+    assert r.relative_error == pytest.approx(direct / (w.double() @ x).pow(2).sum().item(), rel=1e-4)
+
+
+def test_solution_m_on_whole_row_is_the_least_squares_refit():
+    w, x, h = correlated_layer()
+    r = solve(w, h, "2:4", method="mrp-m", blocksize=w.shape[1], percdamp=0.0)
+    ref = ls_refit(w, x, r.mask)
+    assert torch.allclose(r.weight.double(), ref, atol=2e-3, rtol=1e-3)
+
+
+def test_mrp_exact_refit_equals_least_squares_for_its_mask():
+    w, x, h = correlated_layer(seed=1)
+    r = solve(w, h, "2:4", method="mrp", refit="exact", percdamp=0.0)
+    assert torch.allclose(r.weight.double(), ls_refit(w, x, r.mask), atol=2e-3, rtol=1e-3)
+
+
+def test_conjugate_gradient_refit_reaches_the_exact_refit_loss():
+    w, _, h = correlated_layer(rows=64, cols=128, seed=2)
+    cg = solve(w, h, "2:4", method="mrp", refit="cg")
+    exact = solve(w, h, "2:4", method="mrp", refit="exact")
+    assert torch.equal(cg.mask, exact.mask)
+    assert cg.loss == pytest.approx(exact.loss, rel=2e-3)
+
+
+@pytest.mark.parametrize("spec", ["2:4", "1:4", "4:8"])
+def test_swap_refinement_never_increases_the_loss_and_keeps_the_pattern(spec):
+    for seed in range(3):
+        w, _, h = correlated_layer(rows=48, cols=128, seed=seed)
+        base = solve(w, h, spec, method="mrp", swap_iters=0)
+        refined = solve(w, h, spec, method="mrp", swap_iters=2, blocksize=64)
+        n, m = map(int, spec.split(":"))
+        assert is_nm_sparse(refined.weight, n, m)
+        assert refined.loss <= base.loss * (1 + 1e-6)
+    assert refined.loss < base.loss  # and it does find improvements on correlated inputs
+
+
+def test_refine_swaps_exact_delta_single_group():
+    """On one group, the swap refinement reaches the best of all masks (the deltas are exact)."""
+    from mrp_pass.solvers import refine_swaps, row_losses
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    a = a @ a.T + 2 * torch.eye(8, dtype=torch.float64)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    from mrp_pass import Sparsity
+
+    sp = Sparsity(n=4, m=8)
+    keep = torch.zeros(6, 8, dtype=torch.bool)
+    keep[:, :4] = True
+    refined = refine_swaps(w, a, keep, sp, iters=20)
+    best = torch.stack([
+        row_losses(w, a, torch.zeros(6, 8, dtype=torch.bool).index_fill_(1, torch.tensor(c), True))
+        for c in itertools.combinations(range(8), 4)
+    ]).min(0).values
+    got = row_losses(w, a, refined)
+    assert (got <= row_losses(w, a, keep) + 1e-12).all()
+    assert (got <= best * 1.5 + 1e-12).all()  # local search: close to the optimum
+
+
+def test_solution_m_block_matches_closed_form_per_row():
+    """Z_P = w_P [A_PP]^-1 per row, checked row by row against a dense solve."""
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(16, 16, generator=g, dtype=torch.float64)
+    a = a @ a.T + 16 * torch.eye(16, dtype=torch.float64)
+    w = torch.randn(5, 16, generator=g, dtype=torch.float64)
+    keep = torch.rand(5, 16, generator=g) > 0.4
+    z = solve_mrp_block(w, a, keep)
+    for i in range(5):
+        p = ~keep[i]
+        expect = torch.zeros(16, dtype=torch.float64)
+        expect[p] = torch.linalg.solve(a[p][:, p], w[i, p])
+        assert torch.allclose(z[i], expect, atol=1e-10)
+
+
+def test_group_mask_is_best_of_all_masks_for_a_single_group():
+    """One row of width M: the group-exact rule searches all C(4,2) subsets with the exact loss."""
+    for seed in range(5):
+        w, x, h = correlated_layer(rows=3, cols=4, tokens=64, seed=seed)
+        r = solve(w, h, "2:4", method="mrp", mask_rule="group", percdamp=0.0)
+        for i in range(3):
+            best = min(
+                ((w[i].double() @ x - ls_refit(w[i : i + 1], x, keep_row(kept))[0] @ x).pow(2).sum().item())
+                for kept in itertools.combinations(range(4), 2)
+            )
+            got = ((w[i].double() @ x - r.weight[i].double() @ x).pow(2).sum().item())
+            assert got == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+def keep_row(kept):
+    k = torch.zeros(1, 4, dtype=torch.bool)
+    k[0, list(kept)] = True
+    return k
+
+
+def test_mrp_beats_sparsegpt_and_sparsegpt_beats_magnitude_on_correlated_inputs():
+    errs = {m: 0.0 for m in ("magnitude", "sparsegpt", "mrp")}
+    for seed in range(3):
+        w, _, h = correlated_layer(rows=64, cols=128, seed=seed)
+        for m in errs:
+            errs[m] += solve(w, h, "2:4", method=m).relative_error
+    assert errs["mrp"] < errs["sparsegpt"] < errs["magnitude"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_weights_in_same_dtype_out(dtype):
+    w, _, h = correlated_layer()
+    r = solve(w.to(dtype), h, "2:4", method="mrp")
+    assert r.weight.dtype == dtype
+    assert is_nm_sparse(r.weight)
+
+
+def test_deterministic():
+    w, _, h = correlated_layer()
+    a, b = solve(w, h, method="mrp"), solve(w, h, method="mrp")
+    assert torch.equal(a.weight, b.weight)
+
+
+@pytest.mark.parametrize("spec,n,m", [("1:4", 1, 4), ("4:8", 4, 8), ("2:8", 2, 8)])
+def test_other_nm_patterns(spec, n, m):
+    w, _, h = correlated_layer()
+    for method in ("sparsegpt", "mrp"):
+        r = solve(w, h, spec, method=method)
+        assert is_nm_sparse(r.weight, n, m)
+        assert ((r.weight.reshape(w.shape[0], -1, m) != 0).sum(-1) == n).all()
+
+
+@pytest.mark.parametrize("spec", [0.5, "50%", 0.3])
+def test_unstructured_prunes_the_fraction_of_every_row(spec):
+    w, _, h = correlated_layer()
+    frac = 0.3 if spec == 0.3 else 0.5
+    for method in METHODS:
+        r = solve(w, h, spec, method=method)
+        assert ((r.weight == 0).sum(1) == round(w.shape[1] * frac)).all(), method
+
+
+def test_dead_inputs_are_pruned_first_and_cost_nothing():
+    w, x, _ = correlated_layer()
+    x = x.clone()
+    x[::4] = 0  # one dead input in every group
+    h = 2 * x @ x.T
+    r = solve(w, h.float(), "2:4", method="mrp")
+    assert (r.weight[:, ::4] == 0).all()
+    assert torch.isfinite(r.weight).all()
+
+
+def test_hessian_streaming_matches_batch_formula_for_any_shape():
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 7, 16, generator=g), torch.randn(5, 16, generator=g), torch.randn(1, 1, 3, 16, generator=g)]
+    acc = Hessian(16, dtype=torch.float64)
+    for x in xs:
+        acc.add(x)
+    flat = torch.cat([x.reshape(-1, 16) for x in xs]).double()
+    assert acc.nsamples == flat.shape[0]
+    assert torch.allclose(acc.matrix, 2 * flat.T @ flat / flat.shape[0])
