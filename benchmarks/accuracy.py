@@ -1,0 +1,118 @@
+"""Perplexity of SmolLM2-135M pruned to 2:4 by every method, on the same calibration and evaluation windows.
+
+Protocol (issue 4): calibration = 128 random windows of 512 tokens of the WikiText-2 validation text
+(seed 0), the same for every method; evaluation = the first 64 non-overlapping 512-token windows of the
+WikiText-2 test split. Prints one table (perplexity, share of the SparseGPT-to-dense gap closed, pruning
+time and its ratio to SparseGPT's, peak memory) and writes results/accuracy.json and results/accuracy.png.
+
+    python benchmarks/accuracy.py                                   # full protocol (about an hour on 2 cores)
+    python benchmarks/accuracy.py --calib-samples 32 --eval-windows 16 --methods sparsegpt,mrp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+import tracemalloc
+from pathlib import Path
+
+from mrp_pass import prune
+from mrp_pass.data import calibration_windows, evaluation_windows, perplexity
+from mrp_pass.models import load_model, load_tokenizer
+
+# label -> solver options; "mrp+swap" spends more time on the mask (one swap-refinement pass).
+METHODS = {
+    "magnitude": {"method": "magnitude"},
+    "wanda": {"method": "wanda"},
+    "sparsegpt": {"method": "sparsegpt"},
+    "mrp-s": {"method": "mrp-s"},
+    "mrp-m": {"method": "mrp-m"},
+    "mrp": {"method": "mrp"},
+    "mrp+swap": {"method": "mrp", "swap_iters": 1},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", default="dense,magnitude,wanda,sparsegpt,mrp-s,mrp-m,mrp")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--out", default="results/accuracy.json")
+    args = ap.parse_args()
+
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
+    evals = evaluation_windows(tok, args.eval_seqlen, args.eval_windows)
+    print(f"calibration {len(calib)} x {args.calib_seqlen} tokens, evaluation {len(evals)} x {args.eval_seqlen}",
+          flush=True)
+    rows: dict[str, dict] = {}
+    for label in args.methods.split(","):
+        model.load_state_dict(dense_state)
+        row: dict = {}
+        if label != "dense":
+            if label not in METHODS:
+                raise SystemExit(f"unknown method {label!r}; choose from dense, {', '.join(METHODS)}")
+            tracemalloc.start()
+            t0 = time.perf_counter()
+            report = prune(model, calib, "2:4", progress=False, **METHODS[label])
+            row["prune_seconds"] = time.perf_counter() - t0
+            row["peak_python_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
+            tracemalloc.stop()
+            row["layers_pruned"] = len(report.pruned)
+            row["mean_layer_relative_error"] = report.mean_relative_error
+            row["solve_seconds"] = report.solve_seconds
+        row["ppl"] = perplexity(model, evals)
+        row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rows[label] = row
+        print(f"{label:10s} " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+
+    table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"protocol": vars(args), "results": rows}, indent=1))
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def table(rows: dict[str, dict]) -> None:
+    dense, sgpt = rows.get("dense", {}).get("ppl"), rows.get("sparsegpt", {})
+    print(f"\n{'method':10s} {'ppl':>9s} {'gap closed':>11s} {'prune s':>8s} {'t/sparsegpt':>12s} {'peak MiB':>9s}")
+    for label, r in rows.items():
+        gap = ""
+        if dense and sgpt and label not in ("dense", "sparsegpt") and sgpt["ppl"] > dense:
+            gap = f"{(sgpt['ppl'] - r['ppl']) / (sgpt['ppl'] - dense):.1%}"
+        t = r.get("prune_seconds")
+        ratio = f"{t / sgpt['prune_seconds']:.2f}x" if t and sgpt.get("prune_seconds") else ""
+        print(f"{label:10s} {r['ppl']:9.2f} {gap:>11s} {t or 0:8.0f} {ratio:>12s} {r['peak_rss_mib']:9.0f}")
+
+
+def plot(rows: dict[str, dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    labels = list(rows)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(labels, [rows[k]["ppl"] for k in labels], color=["#888" if k == "dense" else "#3b7dd8" for k in labels])
+    ax.set_yscale("log")
+    ax.set_ylabel("WikiText-2 perplexity (log)")
+    ax.set_title("SmolLM2-135M, 2:4 sparsity")
+    for i, k in enumerate(labels):
+        ax.text(i, rows[k]["ppl"], f"{rows[k]['ppl']:.1f}", ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
