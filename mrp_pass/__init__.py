@@ -1,12 +1,15 @@
-"""mrp_pass: post-training N:M pruning with multiple-removal (MRP) weight compensation."""
+"""mrp_pass: post-training N:M pruning with multiple-removal (MRP) weight compensation.
 
+Pipeline: calibrate (hessian) -> solve (solvers) -> rewrite the graph (graph, fx_pass) -> torch.compile
+backend (backend). `prune(model, calibration)` is the one verb over a model."""
+
+from .fx_pass import LayerReport, PruneReport, prune, prune_graph
+from .graph import LinearSite, find_linears
 from .hessian import Hessian, damped_inverse
 from .solvers import METHODS, SolveResult, solve
 from .sparsity import Sparsity, is_nm_sparse, parse_sparsity
 
-__all__ = ["METHODS", "Hessian", "SolveResult", "Sparsity", "damped_inverse", "is_nm_sparse", "parse_sparsity",
-           "solve"]
-from .graph import LinearSite, find_linears
-from .prune import LayerReport, PruneReport, prune, prune_graph
-
-__all__ += ["LayerReport", "LinearSite", "PruneReport", "find_linears", "prune", "prune_graph"]
+__all__ = [
+    "METHODS", "Hessian", "LayerReport", "LinearSite", "PruneReport", "SolveResult", "Sparsity", "damped_inverse",
+    "find_linears", "is_nm_sparse", "parse_sparsity", "prune", "prune_graph", "solve",
+]

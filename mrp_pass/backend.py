@@ -16,7 +16,7 @@ Design (why it is done this way):
   break only sees intermediate activations, while the calibration set holds inputs of the whole model.
   So on the first *call* of a compiled subgraph the backend finds the model being called (the
   ``torch.compile`` wrapper frame on the Python stack: its callable, its call arguments and its
-  ``options``) and prunes it eagerly with :func:`mrp_pass.prune.prune` (the fx pass over a captured graph,
+  ``options``) and prunes it eagerly with :func:`mrp_pass.prune` (the fx pass over a captured graph,
   sequential calibration) on the calibration set. The user's parameters are pruned in place, so
   ``model.state_dict()`` holds the 2:4 weights. A model with a graph break therefore prunes exactly the
   layers it prunes without one, and pruned tensors are remembered (a weak set), so recompiles, other
@@ -332,7 +332,7 @@ class BackendReport:
     reason: str = ""
     output_dir: str = ""
     options: dict[str, Any] = field(default_factory=dict)
-    prune: Any = None  # mrp_pass.prune.PruneReport (None when the weights were pruned before)
+    prune: Any = None  # mrp_pass.PruneReport (None when the weights were pruned before)
     graphs: list[GraphRecord] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -518,7 +518,7 @@ def _first_call_calibration(caller: _Caller) -> list:
 
 def _prune_model(caller: _Caller, weights: list[torch.Tensor], opts: BackendOptions) -> BackendReport | None:
     """Prune the model being called unless its weights already are; returns its report (None: no model found)."""
-    from .prune import prune
+    from .fx_pass import prune
 
     target = caller.root
     if target is None:

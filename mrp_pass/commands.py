@@ -62,8 +62,8 @@ def save_pruned(model, tokenizer, report, out: str | os.PathLike, overwrite: boo
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .data import calibration_windows
+    from .fx_pass import prune
     from .models import load_model, load_tokenizer
-    from .prune import prune
     from .solvers import check_options
 
     check_options(args.sparsity, args.method, args.blocksize, args.percdamp, None)  # fail before minutes of loading

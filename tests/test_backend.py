@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import mrp_pass.backend as backend
-from mrp_pass import is_nm_sparse
+from mrp_pass import is_nm_sparse, prune
 from mrp_pass.backend import (
     EngineUnavailableError,
     OptionsError,
@@ -28,7 +28,6 @@ from mrp_pass.backend import (
     tensorrt_settings,
     torch_sparse_plan,
 )
-from mrp_pass.prune import prune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -237,7 +236,7 @@ def test_graph_break_prunes_the_same_layers(tmp_path):
 
 def test_recompile_does_not_prune_twice(tmp_path, monkeypatch):
     calls = []
-    prune_module = sys.modules["mrp_pass.prune"]  # the package's `prune` attribute is the function
+    prune_module = sys.modules["mrp_pass.fx_pass"]
     real = prune_module.prune
 
     def counting(*args, **kwargs):

@@ -11,7 +11,7 @@ from torch import nn
 from mrp_pass import Hessian, find_linears, is_nm_sparse, prune, prune_graph, solve
 
 transformers = pytest.importorskip("transformers")
-prune_module = importlib.import_module("mrp_pass.prune")
+prune_module = importlib.import_module("mrp_pass.fx_pass")
 
 VOCAB = 128
 
