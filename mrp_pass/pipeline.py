@@ -1,0 +1,176 @@
+"""The main job: prune the embedded default model to 2:4, measure it, export it, benchmark it.
+
+    python -m mrp_pass.pipeline                  # quick protocol, about 10 minutes on 2 CPU cores
+    python -m mrp_pass.pipeline --full           # the paper protocol: 128 x 512 calibration, 64 eval windows
+
+Steps: dense perplexity -> dense ONNX -> prune (fx pass) -> pruned perplexity -> pruned ONNX (2:4 verified in
+the file) + compressed checkpoint (sparse-24-bitmask) -> ONNX Runtime latency dense vs pruned -> on a CUDA
+machine also the torch-sparse (cuSPARSELt / CUTLASS) and TensorRT engines present. Everything lands in --out,
+with summary.json and the table printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import calibration_windows, evaluation_windows, perplexity
+from .fx_pass import prune
+from .models import DEFAULT_MODEL, load_model, load_tokenizer
+from .solvers import check_options
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m mrp_pass.pipeline", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--sparsity", default="2:4")
+    ap.add_argument("--method", default="mrp")
+    ap.add_argument("--calib-samples", type=int, default=32)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
+    ap.add_argument("--eval-windows", type=int, default=16)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--bench-batch", type=int, default=1)
+    ap.add_argument("--bench-seqlen", type=int, default=128)
+    ap.add_argument("--bench-iters", type=int, default=10)
+    ap.add_argument("--full", action="store_true", help="128 x 512 calibration tokens, 64 evaluation windows")
+    ap.add_argument("--out", default="results/pipeline")
+    args = ap.parse_args(argv)
+    if args.full:
+        args.calib_samples, args.calib_seqlen, args.eval_windows = 128, 512, 64
+    for name in ("calib_samples", "calib_seqlen", "eval_windows", "eval_seqlen", "bench_batch", "bench_seqlen",
+                 "bench_iters"):
+        if getattr(args, name) <= 0:
+            ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_options(args.sparsity, args.method, 128, 0.01, None)
+    return args
+
+
+def step(title: str):
+    print(f"\n== {title}", flush=True)
+    return time.perf_counter()
+
+
+def run(args: argparse.Namespace) -> dict:
+    from export import save_compressed, to_onnx
+    from runtime import benchmark, load
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"model": args.model, "sparsity": args.sparsity, "method": args.method,
+                     "calibration": f"{args.calib_samples} x {args.calib_seqlen} tokens (WikiText-2 validation)",
+                     "evaluation": f"{args.eval_windows} x {args.eval_seqlen} tokens (WikiText-2 test)"}
+
+    t = step(f"load {args.model}")
+    tokenizer, model = load_tokenizer(args.model), load_model(args.model)
+    evals = evaluation_windows(tokenizer, args.eval_seqlen, args.eval_windows)
+    calib = calibration_windows(tokenizer, args.calib_samples, args.calib_seqlen, seed=0)
+    example = (torch.randint(0, model.config.vocab_size, (args.bench_batch, args.bench_seqlen)),)
+    summary["load_seconds"] = time.perf_counter() - t
+
+    t = step("dense perplexity")
+    summary["ppl_dense"] = perplexity(model, evals, progress=True)
+    print(f"dense perplexity {summary['ppl_dense']:.2f} ({time.perf_counter() - t:.0f}s)")
+
+    t = step("dense ONNX export")
+    dense_report = to_onnx(copy.deepcopy(model), example, out / "dense.onnx")
+    print(f"wrote {dense_report.path} ({time.perf_counter() - t:.0f}s)")
+
+    t = step(f"prune to {args.sparsity} with {args.method}")
+    report = prune(model, calib, args.sparsity, args.method)
+    report.save_json(out / "prune_report.json")
+    summary["prune_seconds"] = time.perf_counter() - t
+    summary["layers_pruned"] = len(report.pruned)
+    summary["mean_layer_relative_error"] = report.mean_relative_error
+    print(f"pruned {len(report.pruned)} layers in {summary['prune_seconds']:.0f}s, "
+          f"mean relative reconstruction error {report.mean_relative_error:.4f}")
+
+    t = step("pruned perplexity")
+    summary["ppl_pruned"] = perplexity(model, evals, progress=True)
+    print(f"pruned perplexity {summary['ppl_pruned']:.2f} ({time.perf_counter() - t:.0f}s)")
+
+    t = step("pruned ONNX export (2:4 verified in the file) and compressed checkpoint")
+    onnx_report = to_onnx(model, example, out / "pruned.onnx")
+    print(onnx_report)
+    summary["onnx_2_4_verified"] = onnx_report.ok
+    compressed = save_compressed(copy.deepcopy(model).half(), out / "compressed-fp16")
+    summary["compressed_linear_size_ratio"] = compressed.ratio
+    print(compressed)
+
+    t = step(f"ONNX Runtime latency, batch {args.bench_batch} x {args.bench_seqlen} tokens, dense vs pruned")
+    sparse_engine, dense_engine = load(out / "pruned.onnx"), load(out / "dense.onnx")
+    bench = benchmark(sparse_engine, example, warmup=2, iters=args.bench_iters, dense=dense_engine)
+    summary["onnxruntime"] = bench.to_dict()
+    summary["onnxruntime_provider"] = sparse_engine.describe()
+
+    if torch.cuda.is_available():
+        summary["gpu"] = gpu_engines(model, example, out)
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print_summary(summary, out)
+    return summary
+
+
+def gpu_engines(model, example, out: Path) -> dict:
+    """torch-sparse (semi-structured kernels) and TensorRT when present, each against dense fp16 on the GPU."""
+    from runtime import benchmark
+    from runtime.torch_sparse import to_torch_sparse
+
+    results: dict = {}
+    dense = copy.deepcopy(model).half().cuda().eval()
+    inputs = tuple(x.cuda() for x in example)
+
+    def logits(m):
+        return lambda *xs: m(*xs).logits
+
+    try:
+        sparse = to_torch_sparse(copy.deepcopy(dense))
+        results["torch-sparse"] = benchmark(logits(sparse), inputs, dense=logits(dense)).to_dict()
+    except Exception as e:  # report and go on: one engine's failure must not lose the others' results
+        results["torch-sparse"] = f"failed: {e}"
+    try:
+        from export import to_tensorrt
+
+        to_tensorrt(model, example, out / "pruned_trt.ep")
+        results["tensorrt"] = str(out / "pruned_trt.ep")
+    except (ImportError, RuntimeError) as e:
+        results["tensorrt"] = f"skipped: {e}"
+    return results
+
+
+def print_summary(s: dict, out: Path) -> None:
+    ort = s["onnxruntime"]
+    rows = [
+        ("perplexity, dense", f"{s['ppl_dense']:.2f}"),
+        (f"perplexity, {s['sparsity']} {s['method']}", f"{s['ppl_pruned']:.2f}"),
+        ("layers pruned", str(s["layers_pruned"])),
+        ("mean layer reconstruction error", f"{s['mean_layer_relative_error']:.4f}"),
+        ("pruning time", f"{s['prune_seconds']:.0f} s"),
+        ("2:4 verified in pruned.onnx", str(s["onnx_2_4_verified"])),
+        ("compressed fp16 linear weights / dense", f"{s['compressed_linear_size_ratio']:.4f}"),
+        ("ONNX Runtime latency pruned (mean)", f"{ort['mean_ms']:.1f} ms"),
+        ("ONNX Runtime latency dense (mean)", f"{ort['dense']['mean_ms']:.1f} ms" if ort.get("dense") else "-"),
+        ("ONNX Runtime dense / pruned", f"{ort['speedup']:.3f}x" if ort.get("speedup") else "-"),
+    ]
+    for name, value in (s.get("gpu") or {}).items():
+        rows.append((f"GPU {name}", f"{value['speedup']:.2f}x vs dense" if isinstance(value, dict) else value))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n== summary ({s['model']}; calibration {s['calibration']}; evaluation {s['evaluation']})")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    print(f"\nartifacts in {out}/: dense.onnx, pruned.onnx, compressed-fp16/, prune_report.json, summary.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
