@@ -24,6 +24,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mrp_pass.models import load_model
 
     from . import eligibility, save_compressed, to_onnx, to_tensorrt
+    from .atomic import atomic_write_text
     from .tensorrt_export import require_tensorrt
 
     dtype = parse_dtype(args.dtype, args.format)
@@ -47,6 +48,6 @@ def cmd_export(args: argparse.Namespace) -> int:
         report_path = out / "export_report.json"
         payload = {**report.to_dict(), "eligibility": elig.to_dict()}
     print(report)
-    report_path.write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_text(report_path, json.dumps(payload, indent=2, default=str))
     print(f"report: {report_path}")
     return 0

@@ -67,6 +67,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .solvers import check_options
 
     check_options(args.sparsity, args.method, args.blocksize, args.percdamp, None)  # fail before minutes of loading
+    for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+    if args.device is not None:
+        from .fx_pass import _check_options
+
+        _check_options(args.sparsity, args.method, args.blocksize, args.percdamp, "rollback", args.device, {})
     _check_out(Path(args.out), getattr(args, "overwrite", False))
     device = default_device(args.device)
     t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import os
 import re
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,11 +35,12 @@ from torch.fx.node import map_arg
 
 from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
 from .hessian import Hessian
-from .solvers import check_options, solve
+from .solvers import REFITS, check_options, solve
 
 log = logging.getLogger(__name__)
 
 LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str | type] | None
+ON_ERROR = ("rollback", "keep_partial")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,6 +70,8 @@ class PruneReport:
     method: str = ""
     samples: int = 0
     seconds: float = 0.0  # wall time of the whole pass (calibration forward included)
+    notes: list[str] = field(default_factory=list)  # warnings worth keeping (rank-deficient H, nothing to prune)
+    error: str | None = None  # on_error="keep_partial": why the pass stopped early (the model is partly pruned)
 
     @property
     def pruned(self) -> list[LayerReport]:
@@ -91,7 +95,7 @@ class PruneReport:
             "method": self.method, "sparsity": self.sparsity, "samples": self.samples,
             "layers_pruned": len(self.pruned), "layers_skipped": len(self.skipped),
             "seconds": self.seconds, "solve_seconds": self.solve_seconds,
-            "mean_relative_error": self.mean_relative_error,
+            "mean_relative_error": self.mean_relative_error, "notes": self.notes, "error": self.error,
             "layers": [asdict(layer) for layer in self.layers],
         }
 
@@ -127,6 +131,9 @@ class PruneReport:
             f"mean relative error {self.mean_relative_error:.3e}, solve {self.solve_seconds:.1f} s, "
             f"total {self.seconds:.1f} s ({self.samples} calibration samples)"
         )
+        lines.extend(f"note: {n}" for n in self.notes)
+        if self.error:
+            lines.append(f"INCOMPLETE: {self.error}")
         return "\n".join(lines)
 
 
@@ -179,6 +186,120 @@ def _to(value, device: torch.device | None):
     if device is None:
         return value
     return pytree.tree_map(lambda v: v.to(device) if isinstance(v, torch.Tensor) else v, value)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: every option and the calibration set are checked before any capture, forward or solve
+
+
+_SOLVER_ARGS = set(inspect.signature(solve).parameters) - {"weight", "hessian", "sparsity", "method", "blocksize",
+                                                           "percdamp"}
+
+
+def _check_options(sparsity, method: str, blocksize: int, percdamp: float, on_error: str, device,
+                   solver_kwargs: dict) -> tuple:
+    """(Sparsity, calibration device or None); ValueError / TypeError naming the bad value and the allowed ones."""
+    sp = check_options(sparsity, method, blocksize, percdamp, solver_kwargs.get("mask_rule"))
+    if on_error not in ON_ERROR:
+        raise ValueError(f"unknown on_error {on_error!r}; choose one of {', '.join(ON_ERROR)}")
+    unknown = sorted(set(solver_kwargs) - _SOLVER_ARGS)
+    if unknown:
+        raise TypeError(f"unknown solver options {unknown}; accepted: {', '.join(sorted(_SOLVER_ARGS))}")
+    # solve() accepts these silently otherwise (a typo in refit ran the exact refit; a bad width failed mid-pass)
+    refit = solver_kwargs.get("refit")
+    if refit is not None and refit not in REFITS:
+        raise ValueError(f"unknown refit {refit!r}; choose one of {', '.join(REFITS)}")
+    rb = solver_kwargs.get("refit_blocksize")
+    if rb is not None and (isinstance(rb, bool) or not isinstance(rb, int) or rb <= 0
+                           or (sp.structured and rb % sp.m)):
+        raise ValueError("refit_blocksize must be None or a positive integer"
+                         + (f" multiple of M={sp.m}" if sp.structured else "") + f", got {rb!r}")
+    si = solver_kwargs.get("swap_iters")
+    if si is not None and (isinstance(si, bool) or not isinstance(si, int) or si < 0):
+        raise ValueError(f"swap_iters must be None or an integer >= 0, got {si!r}")
+    dtype = solver_kwargs.get("dtype", torch.float32)
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"solver dtype must be torch.float32 or torch.float64, got {dtype!r}")
+    if device is None:
+        return sp, None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; pass device='cpu'")
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no data: calibration needs a real device such as 'cpu' or 'cuda'")
+    return sp, dev
+
+
+_EMBEDDING_TARGETS = {torch.ops.aten.embedding.default: (0, 1), torch.nn.functional.embedding: (1, 0)}
+
+
+def _embedding_inputs(gm: fx.GraphModule) -> list[tuple[fx.Node, str, int]]:
+    """(placeholder, table name, rows) for every embedding lookup whose indices are a graph input."""
+    found = []
+    for node in gm.graph.nodes:
+        table = ids = None
+        if node.op == "call_module" and isinstance(mod := gm.get_submodule(node.target), nn.Embedding):
+            table, ids, name = mod.weight, node.args[0] if node.args else None, node.target
+        elif node.op == "call_function" and node.target in _EMBEDDING_TARGETS:
+            wi, ii = _EMBEDDING_TARGETS[node.target]
+            w = node.args[wi] if len(node.args) > wi else node.kwargs.get("weight")
+            ids = node.args[ii] if len(node.args) > ii else node.kwargs.get("input")
+            if isinstance(w, fx.Node) and w.op == "get_attr":
+                table, name = fetch_attr(gm, w.target), w.target
+        if isinstance(table, torch.Tensor) and isinstance(ids, fx.Node) and ids.op == "placeholder":
+            found.append((ids, name, int(table.shape[0])))
+    return found
+
+
+def _check_token_ids(ids, rows: int, where: str, table: str) -> None:
+    """Token ids must be integers in [0, rows): otherwise the lookup fails deep in torch ("index out of range")."""
+    if not isinstance(ids, torch.Tensor):
+        return
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"{where}: token ids must be an integer tensor (torch.long), got {ids.dtype}; "
+                         "tokenize the text, or pass float features to a model that takes them")
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= rows:
+        bad = hi if hi >= rows else lo
+        raise ValueError(f"{where}: token id {bad} is outside the vocabulary of {table} (vocab size {rows}, valid ids "
+                         f"0..{rows - 1}; max id given {hi}, min {lo}); was the data tokenized for another model?")
+
+
+def _check_hf_inputs(model: nn.Module, items: list) -> None:
+    """Hugging Face models: input_ids checked before capture (a float or 1-D input_ids fails inside
+    torch.export with a message about fake tensors and broadcasting)."""
+    get = getattr(model, "get_input_embeddings", None)
+    if get is None or getattr(model, "main_input_name", None) != "input_ids":
+        return
+    try:
+        emb = get()
+    except (NotImplementedError, AttributeError):
+        return
+    if not isinstance(emb, nn.Embedding):
+        return
+    for i, (args, kwargs) in enumerate(items):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, torch.Tensor):
+            continue
+        _check_token_ids(ids, emb.num_embeddings, f"calibration sample {i}", "the input embedding")
+        if ids.dim() != 2:
+            raise ValueError(f"calibration sample {i}: input_ids must be [batch, seq], got shape {tuple(ids.shape)}; "
+                             "use ids.unsqueeze(0) for one sequence")
+
+
+def _cast_floats(item, dtype: torch.dtype):
+    return pytree.tree_map(lambda v: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                           and v.dtype != dtype else v, item)
+
+
+def _note(error: BaseException, text: str) -> None:
+    if hasattr(error, "add_note"):  # Python >= 3.11: shown under the traceback
+        error.add_note(text)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,9 +515,9 @@ class _Walk:
 @torch.no_grad()
 def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, *, layer_filter, blocksize: int,
               percdamp: float, device, progress: bool, vocab_size: int | None = None, model: nn.Module | None = None,
-              **solver_kwargs) -> PruneReport:
+              on_error: str = "rollback", **solver_kwargs) -> PruneReport:
     t0 = time.perf_counter()
-    sp = check_options(sparsity, method, blocksize, percdamp, solver_kwargs.get("mask_rule"))
+    sp, _ = _check_options(sparsity, method, blocksize, percdamp, on_error, device, solver_kwargs)
     items = [_as_call(item) for item in calibration]
     if not items:
         raise ValueError("calibration is empty: give at least one sample")
@@ -404,6 +525,10 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
     calib_device = torch.device(device) if device is not None else (first.device if first is not None
                                                                     else torch.device("cpu"))
     inputs = [_to(_placeholder_values(gm, args, kwargs), calib_device) for args, kwargs in items]
+    placeholder_index = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    for node, table, rows in _embedding_inputs(gm):  # before any work: an out-of-range id fails mid-walk otherwise
+        for i, sample in enumerate(inputs):
+            _check_token_ids(sample[placeholder_index[node]], rows, f"calibration sample {i} ({node.name})", table)
 
     sites = find_linears(gm)
     vocab = embedding_rows(gm) | ({vocab_size} if vocab_size else set())
@@ -411,7 +536,14 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
     plan = _plan(gm, sites, sp.m if sp.structured else 0, layer_filter, vocab)
     entries = {s: LayerReport(s.name, s.shape, method, skipped=plan[s], target=s.target, transposed=s.transposed)
                for s in sites}
+    report = PruneReport([entries[s] for s in sites], str(sp), method, len(items))
     todo = [s for s in sites if plan[s] is None]
+    if not sites:
+        report.notes.append("no linear layers found in the graph: nothing to prune")
+    elif not todo:
+        report.notes.append(f"all {len(sites)} linear layers were skipped (see each layer's reason): nothing pruned")
+    for note in report.notes:
+        log.warning("%s", note)
     groups: dict[tuple, list[LinearSite]] = defaultdict(list)  # sites reading one input node share a Hessian
     for s in todo:
         groups[s.input, s.weight_left].append(s)
@@ -419,6 +551,9 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
     walk = _Walk(gm, inputs, calib_device, retarget=device is not None, sites=sites)
     site_of = {s.node: s for s in todo}
     done: set[tuple] = set()
+    # What the pass wrote, to undo it: target -> (the stored tensor, a CPU copy of its old value). Kept only in
+    # "rollback" mode (it costs a CPU copy of every pruned weight).
+    state = _PassState(backups={} if on_error == "rollback" else None)
     bar = _progress_bar(len(todo), progress)
     try:
         for node in walk.nodes:
@@ -428,16 +563,63 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
             if site is not None and (site.input, site.weight_left) not in done:
                 group = groups[site.input, site.weight_left]
                 _prune_group(gm, group, len(done), walk.input_values(site.input), sp, method, blocksize,
-                             percdamp, calib_device, entries, bar, solver_kwargs)
+                             percdamp, calib_device, entries, bar, solver_kwargs, state)
                 done.add((site.input, site.weight_left))
                 walk.refresh([n for s in group for n in s.weight_chain])
-            walk.run_node(node)
+            try:
+                walk.run_node(node)
+            except Exception as e:  # name the place: a shape or dtype error of the calibration data shows up here
+                _note(e, f"mrp_pass: while running the calibration samples through graph node {node.name} "
+                         f"({getattr(node.target, '__name__', node.target)})")
+                raise
+        if len(done) != len(groups):
+            missing = [s.name for s in todo if (s.input, s.weight_left) not in done]
+            raise RuntimeError(f"the walk ended before reaching layers {missing}")
+    except Exception as e:
+        if on_error == "rollback":
+            _rollback(state, e)
+            raise
+        report.error = f"pruning stopped at {state.current or 'the calibration walk'}: {type(e).__name__}: {e}"
+        for s in todo:
+            if s not in state.finished:
+                entries[s].skipped = (f"failed: {type(e).__name__}: {e}" if s.name == state.current
+                                      else "not reached: the pass stopped early")
+        report.notes.append(f"on_error='keep_partial': {len(state.finished)} of {len(todo)} layers pruned, the "
+                            "rest left dense; the model is partly pruned")
+        log.error("%s; %s", report.error, report.notes[-1])
+    except BaseException as e:  # KeyboardInterrupt and the like: never leave a half-pruned model behind silently
+        if on_error == "rollback":
+            _rollback(state, e)
+        raise
     finally:
         bar.close()
-    if len(done) != len(groups):
-        missing = [s.name for s in todo if (s.input, s.weight_left) not in done]
-        raise RuntimeError(f"the walk ended before reaching layers {missing}")
-    return PruneReport([entries[s] for s in sites], str(sp), method, len(items), time.perf_counter() - t0)
+    if state.rank_deficient:
+        tokens, width, names = state.rank_deficient[0]
+        msg = (f"H is rank-deficient for {len(state.rank_deficient)} layer groups: only {tokens} calibration tokens "
+               f"for {width} inputs at {names[0]} (and similar); the solve relies on damping (percdamp={percdamp}). "
+               "Use more or longer calibration samples")
+        report.notes.append(msg)
+        warnings.warn(f"mrp_pass: {msg}", UserWarning, stacklevel=3)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class _PassState:
+    backups: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+    current: str | None = None  # the layer being pruned (or calibrated), for error messages
+    finished: set = field(default_factory=set)  # sites written
+    rank_deficient: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (tokens, width, names)
+
+
+def _rollback(state: _PassState, error: BaseException) -> None:
+    """Put back every weight the pass wrote (bit for bit), then say so on the error."""
+    if not state.backups:
+        return
+    for stored, old in reversed(list(state.backups.values())):
+        stored.copy_(old)
+    _note(error, f"mrp_pass: pruning failed at {state.current}; the {len(state.backups)} weights already pruned were "
+                 "restored, the model is unchanged (on_error='keep_partial' keeps what was pruned instead)")
 
 
 def _progress_bar(total: int, enabled: bool):
@@ -447,18 +629,43 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: list, sp, method: str,
-                 blocksize: int, percdamp: float, device: torch.device, entries: dict, bar, solver_kwargs) -> None:
+                 blocksize: int, percdamp: float, device: torch.device, entries: dict, bar, solver_kwargs,
+                 state: _PassState) -> None:
     """One Hessian over every sample of the group's shared input, then each layer solved and written back."""
+    names = [s.name for s in group]
+    state.current = names[0]
     hessian = Hessian(group[0].in_features, device=device)
-    for x in xs:
-        hessian.add(group[0].inputs(x))
+    for i, x in enumerate(xs):
+        try:
+            hessian.add(group[0].inputs(x))
+        except FloatingPointError:
+            raise FloatingPointError(f"calibration activations feeding {', '.join(names)} contain NaN or Inf "
+                                     f"(sample {i}); check the inputs and the model's numerics (fp16 overflow?)"
+                                     ) from None
+        except ValueError as e:  # an input of the wrong width: the calibration tensors do not fit the model
+            raise ValueError(f"calibration sample {i} does not fit layer {names[0]}: {e}") from None
+    if hessian.nsamples < group[0].in_features:  # rank(H) <= tokens: only the damping makes H invertible
+        state.rank_deficient.append((hessian.nsamples, group[0].in_features, names))
+        log.info("%s: %d calibration tokens for %d inputs: H is rank-deficient", names[0], hessian.nsamples,
+                 group[0].in_features)
     for s in group:
+        state.current = s.name
         stored = fetch_attr(gm, s.target)
         weight = stored.detach().to(device)  # on the calibration device only while solving
-        result = solve(weight.T if s.transposed else weight, hessian.matrix, sp, method, blocksize, percdamp,
-                       **solver_kwargs)
-        new = result.weight.T if s.transposed else result.weight
+        try:
+            result = solve(weight.T if s.transposed else weight, hessian.matrix, sp, method, blocksize, percdamp,
+                           **solver_kwargs)
+        except (RuntimeError, ArithmeticError) as e:  # LinAlgError, FloatingPointError, ...: say which layer
+            _note(e, f"mrp_pass: while solving layer {s.name} {s.shape}")
+            raise
+        new = (result.weight.T if s.transposed else result.weight).to(stored.dtype)
+        if not torch.isfinite(new).all():  # never write NaN / Inf (e.g. a compensated weight past fp16's range)
+            raise FloatingPointError(f"layer {s.name}: the solved weight has NaN or Inf in {stored.dtype}; "
+                                     "it was not written")
+        if state.backups is not None and s.target not in state.backups:
+            state.backups[s.target] = (stored, stored.detach().to("cpu", copy=True))
         stored.copy_(new)  # in place: the model's own tensor (and any alias of it) now holds the pruned weight
+        state.finished.add(s)
         e = entries[s]
         e.sparsity = float((new == 0).float().mean())
         e.relative_error, e.loss, e.seconds = result.relative_error, result.loss, result.seconds
@@ -474,7 +681,8 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
 
 def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float = "2:4", method: str = "mrp", *,
                 layer_filter: LayerFilter = None, blocksize: int = 128, percdamp: float = 0.01,
-                device: str | torch.device | None = None, progress: bool = True, **solver_kwargs) -> PruneReport:
+                device: str | torch.device | None = None, progress: bool = True, on_error: str = "rollback",
+                **solver_kwargs) -> PruneReport:
     """Prune the linear layers of `gm` in place with sequential calibration; see the module docstring.
 
     calibration: items of a Tensor (one positional argument), a tuple/list (positional arguments) or a
@@ -483,9 +691,12 @@ def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float
     (name, module or None, [out, in] shape) -> bool, or a list of name substrings / regular expressions
     and module classes (a layer is kept when any entry matches).
     device: where calibration runs (default: the device of the calibration tensors); weights stay
-    where they are and visit it while their node runs. solver_kwargs go to mrp_pass.solve."""
+    where they are and visit it while their node runs. solver_kwargs go to mrp_pass.solve.
+    on_error: "rollback" (default: when the pass fails, every weight it wrote is restored bit for bit and the
+    error is raised) or "keep_partial" (the layers pruned so far stay pruned; the report's `error` says where
+    it stopped and the other layers are marked skipped)."""
     return _run_pass(gm, calibration, sparsity, method, layer_filter=layer_filter, blocksize=blocksize,
-                     percdamp=percdamp, device=device, progress=progress, **solver_kwargs)
+                     percdamp=percdamp, device=device, progress=progress, on_error=on_error, **solver_kwargs)
 
 
 @contextlib.contextmanager
@@ -521,23 +732,36 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.Gra
 
 def prune(model: nn.Module, calibration: Iterable, sparsity: str | float = "2:4", method: str = "mrp", *,
           layer_filter: LayerFilter = None, blocksize: int = 128, percdamp: float = 0.01,
-          device: str | torch.device | None = None, progress: bool = True, **solver_kwargs) -> PruneReport:
+          device: str | torch.device | None = None, progress: bool = True, on_error: str = "rollback",
+          **solver_kwargs) -> PruneReport:
     """Prune `model`'s linear layers in place: capture its graph on the first calibration sample, run
     prune_graph on it, and make sure the model's own parameters hold the pruned weights.
 
     The graph is specialised to the first sample's shapes, so every sample must have the same shapes.
-    Calibration runs in eval mode (the training flag is restored after) on `device` (default: the
-    model's device); report names are the model's module paths (parameter path minus ".weight")."""
+    Floating calibration tensors are cast to the model's dtype when all its floating weights share one.
+    Calibration runs in eval mode (every module's training flag is restored after) on `device` (default:
+    the model's device); report names are the model's module paths (parameter path minus ".weight").
+    on_error: see prune_graph; with "rollback" a failed pass leaves the model bit-identical to before."""
+    _check_options(sparsity, method, blocksize, percdamp, on_error, device, solver_kwargs)  # before any work
+    if any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
+        raise ValueError("the model has parameters on the meta device (weights not loaded): load real weights, "
+                         "e.g. from_pretrained(...) without device_map='meta'")
     raw = list(calibration)
     items = [_as_call(item) for item in raw]
     if not items:
         raise ValueError("calibration is empty: give at least one sample")
+    floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if len(floats) == 1:  # an fp16 / bf16 model fed fp32 calibration features would fail at its first matmul
+        dtype = floats.pop()
+        raw = [_cast_floats(item, dtype) for item in raw]
+        items = [_as_call(item) for item in raw]
     shapes = [[tuple(t.shape) for t in pytree.tree_leaves(it) if isinstance(t, torch.Tensor)] for it in items]
     if any(s != shapes[0] for s in shapes):
         raise ValueError("calibration samples must all have the same shapes (the captured graph is specialised "
                          f"to the first one's, {shapes[0]}); cut them into windows of one length")
+    _check_hf_inputs(model, items)
     home = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # per module: a model may keep some parts in eval on purpose
     model.eval()
     try:
         with _no_kv_cache(model), torch.no_grad():
@@ -548,10 +772,11 @@ def prune(model: nn.Module, calibration: Iterable, sparsity: str | float = "2:4"
             vocab_size = getattr(config, "vocab_size", None) if config is not None else None
             report = _run_pass(gm, raw, sparsity, method, layer_filter=layer_filter, blocksize=blocksize,
                                percdamp=percdamp, device=device if device is not None else home, progress=progress,
-                               vocab_size=vocab_size, model=model, **solver_kwargs)
+                               vocab_size=vocab_size, model=model, on_error=on_error, **solver_kwargs)
             _write_back(model, gm, report)
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     return report
 
 

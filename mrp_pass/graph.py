@@ -195,7 +195,8 @@ def tensor_key(t: torch.Tensor) -> tuple:
 def other_uses(gm: fx.GraphModule, sites: list[LinearSite]) -> dict[tuple, list[str]]:
     """For each stored tensor, the uses that are not as a linear site's weight (e.g. an embedding
     lookup of a tied LM head), as readable strings."""
-    weight_uses = {(s.node, s.weight_chain[-1]) for s in sites}
+    # call_module sites (nn.Linear under symbolic_trace) read their weight inside the module: no chain node
+    weight_uses = {(s.node, s.weight_chain[-1]) for s in sites if s.weight_chain}
     chain_nodes = {n for s in sites for n in s.weight_chain}
     uses: dict[tuple, list[str]] = {}
     for node in gm.graph.nodes:

@@ -41,25 +41,32 @@ def damped_inverse(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int
     """(H + lambda I)^-1 with lambda = percdamp * mean(diag H), found by Cholesky.
 
     Dead inputs (zero diagonal: the input is always 0) get a unit diagonal so H stays invertible.
-    When the factorisation fails, lambda grows tenfold (with a warning) up to `max_tries` times."""
+    When the factorisation fails, lambda grows tenfold (with a warning) up to `max_tries` times, then
+    LinAlgError says which damping was tried last."""
     h = hessian.clone()
     diag = h.diagonal()
     dead = diag == 0
     diag[dead] = 1.0
-    mean = diag.mean().item()
     if not torch.isfinite(h).all():
         raise FloatingPointError("the Hessian contains NaN or Inf; check the calibration inputs")
-    damp = percdamp * mean
+    negative = diag < 0
+    if negative.any():  # x x^T never has one, whatever the rounding: H was built wrongly, damping would hide it
+        raise ValueError(f"H has {int(negative.sum())} negative diagonal entries (min {diag.min().item():.3g}): it is "
+                         "not 2/N X X^T of real inputs; build it with mrp_pass.Hessian")
+    scale = diag.mean().item()
+    damp = percdamp * scale
     for attempt in range(max_tries):
         chol, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
         if info.item() == 0:
             inv = torch.cholesky_inverse(chol)
             if torch.isfinite(inv).all():
                 return inv
-        new = damp * 10 if damp > 0 else 1e-8 * max(mean, 1e-30)
+        if attempt == max_tries - 1:
+            break
+        new = max(damp * 10, 1e-8 * scale)
         log.warning("Cholesky of H failed with damping %.3g (attempt %d); retrying with %.3g", damp, attempt + 1, new)
         damp = new
     raise torch.linalg.LinAlgError(
-        f"H is not positive definite even with damping {damp:.3g} (= {damp / max(mean, 1e-30):.3g} x mean diag); "
-        "use more calibration data or a larger percdamp"
+        f"H is not positive definite even with damping {damp:.3g} (= {damp / scale:.3g} x mean diag, "
+        f"{max_tries} tries); use more calibration data or a larger percdamp"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -45,8 +46,10 @@ def plot(rows: list[dict], path: Path, title: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # same suffix: savefig picks the format from it
+    fig.savefig(tmp, dpi=120)
     plt.close(fig)
+    os.replace(tmp, path)  # atomic: a crash never leaves a truncated plot
     return None
 
 
@@ -69,7 +72,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     payload = {"engine": str(args.engine), "provider": engine.provider, "dense": args.dense,
                "dense_provider": dense.provider if dense else None, "device": device, "rows": rows}
-    (out / "bench.json").write_text(json.dumps(payload, indent=2))
+    from export.atomic import atomic_write_text
+
+    atomic_write_text(out / "bench.json", json.dumps(payload, indent=2))
     note = plot(rows, out / "bench.png", f"{Path(args.engine).name} vs {Path(args.dense).name if dense else '-'}"
                 f" ({engine.provider}, seqlen {args.seqlen})")
     print(f"wrote {out / 'bench.json'}" + (f"; {note}" if note else f" and {out / 'bench.png'}"))

@@ -80,9 +80,13 @@ class OnnxEngine(Engine):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        fp16 = "float16" in _onnx_input_or_output_types(path)
-        providers = providers or choose_providers(ort.get_available_providers(), device, fp16)
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        try:  # a truncated or foreign file fails deep in protobuf / onnxruntime with a message naming neither
+            fp16 = "float16" in _onnx_input_or_output_types(path)
+            providers = providers or choose_providers(ort.get_available_providers(), device, fp16)
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as e:
+            raise ValueError(f"{path}: not a loadable ONNX model (truncated, foreign, or its .data file missing?): "
+                             f"{type(e).__name__}: {e}") from None
         self.provider = ", ".join(self.session.get_providers())
         self.inputs = self.session.get_inputs()
         out_shape = self.session.get_outputs()[0].shape
