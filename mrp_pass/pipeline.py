@@ -59,6 +59,7 @@ def step(title: str):
 
 def run(args: argparse.Namespace) -> dict:
     from export import save_compressed, to_onnx
+    from export.atomic import atomic_write_text
     from runtime import benchmark, load
 
     out = Path(args.out)
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> dict:
     if torch.cuda.is_available():
         summary["gpu"] = gpu_engines(model, example, out)
 
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     print_summary(summary, out)
     return summary
 

@@ -26,6 +26,9 @@ from .sparsity import Sparsity, parse_sparsity
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "mrp-s", "mrp-m", "mrp")
 MASK_RULES = ("obs", "sparsegpt", "group")
+# Relative residual |A z - w|_inf / (|A|_max |z|_inf + |w|_inf) above which a float32 k x k solve of Solution M
+# is redone in float64 (float32's unit roundoff is 6e-8; a well-conditioned solve lands near 1e-6).
+RESIDUAL_TOL = 1e-4
 
 
 @dataclass
@@ -131,6 +134,14 @@ def solve_mrp_block(w1: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, exact
         chol, info = torch.linalg.cholesky_ex(a_pp)
         if int(info.max()) == 0:
             sol = torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]
+            # Cholesky succeeding does not make the answer accurate: an ill-conditioned A_PP (correlated inputs)
+            # gives a float32 solution with a large backward error. Rows whose relative residual exceeds
+            # RESIDUAL_TOL are solved again in float64.
+            res = (a_pp @ sol[:, :, None])[:, :, 0] - rhs
+            scale = a_pp.abs().amax((1, 2)) * sol.abs().amax(1) + rhs.abs().amax(1)
+            bad = res.abs().amax(1) > RESIDUAL_TOL * scale.clamp_min(torch.finfo(w1.dtype).tiny)
+            if w1.dtype != torch.float64 and bool(bad.any()):
+                sol[bad] = torch.linalg.solve(a_pp[bad].double(), rhs[bad].double()).to(w1.dtype)
         else:  # not PD in this precision: solve the few systems in float64
             sol = torch.linalg.solve(a_pp.double(), rhs.double()).to(w1.dtype)
         z[r0 : r0 + chunk].scatter_(1, idx, torch.where(v, sol, 0.0))
@@ -310,14 +321,18 @@ def _row_loss(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-def check_options(sparsity, method: str, blocksize: int, percdamp: float, mask_rule: str | None) -> Sparsity:
+def check_options(sparsity, method: str, blocksize: int, percdamp: float, mask_rule: str | None,
+                  refit: str | None = None) -> Sparsity:
     """Validate solver options before any work; ValueError names the value and what is allowed."""
     sp = parse_sparsity(sparsity)
+    if refit is not None and refit not in REFITS:
+        raise ValueError(f"unknown refit {refit!r}; choose one of {', '.join(REFITS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if mask_rule is not None and mask_rule not in MASK_RULES:
         raise ValueError(f"unknown mask_rule {mask_rule!r}; choose one of {', '.join(MASK_RULES)}")
-    if not isinstance(blocksize, int) or blocksize <= 0 or (sp.structured and blocksize % sp.m):
+    bad_block = isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize <= 0
+    if bad_block or (sp.structured and blocksize % sp.m):
         raise ValueError(
             "blocksize must be a positive integer" + (f" multiple of M={sp.m}" if sp.structured else "")
             + f", got {blocksize!r}"
@@ -346,8 +361,11 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
     (mrp, N:M): passes of exact-loss swap refinement of the mask before the refit; refit (mrp): "cg"
     (conjugate gradients on the whole row, warm-started) or "exact" (batched Cholesky per row).
     Returns the new weight in the input's dtype and device, the keep-mask and the layer loss."""
-    sp = check_options(sparsity, method, blocksize, percdamp, mask_rule)
+    sp = check_options(sparsity, method, blocksize, percdamp, mask_rule, refit)
     t0 = time.perf_counter()
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"weight must be a 2-D floating tensor [out, in], got {weight.dtype} of shape "
+                         f"{tuple(weight.shape)}")
     cols = weight.shape[1]
     if hessian.shape != (cols, cols):
         raise ValueError(
@@ -358,6 +376,12 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
     h = hessian.detach().to(device=weight.device, dtype=dtype)
     if not torch.isfinite(w0).all():
         raise FloatingPointError("the weight contains NaN or Inf")
+    # Every method is homogeneous in W, but its scores w^2 / d overflow (|w| ~ 1e20) or underflow (|w| ~ 1e-23)
+    # in float32, and then masks are chosen among ties. Solve on W * 2^-e with 2^e ~ max|W|: a power of two
+    # scales exactly, so ordinary weights give bit-identical results.
+    wmax = float(w0.abs().max()) if w0.numel() else 0.0
+    unit = 2.0 ** -math.frexp(wmax)[1] if wmax > 0 else 1.0
+    w0 = w0 * unit
     w = w0.clone()
     w[:, h.diagonal() == 0] = 0  # dead inputs: their weights never matter, prune them first
 
@@ -390,8 +414,10 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
             w = w_fit
 
     dw = w - w0
-    loss = layer_loss(dw, hessian.to(w.device))
-    ref = layer_loss(w0, hessian.to(w.device))
+    # losses in float64 from the scaled weights: (1/unit)^2 may exceed float32's range, never float64's
+    loss = layer_loss(dw, hessian.to(w.device)) / unit**2
+    ref = layer_loss(w0, hessian.to(w.device)) / unit**2
+    w = w.double() / unit if unit != 1.0 else w  # back to the caller's scale (float64: 1/unit may overflow fp32)
     return SolveResult(
         weight=w.to(weight.dtype), mask=keep, loss=loss,
         relative_error=loss / ref if ref > 0 else (0.0 if loss == 0 else math.inf),
