@@ -26,16 +26,16 @@ class Hessian:
         if x.shape[-1] != self.matrix.shape[0]:
             raise ValueError(f"input of width {x.shape[-1]} fed to a Hessian of width {self.matrix.shape[0]}")
         x = x.reshape(-1, x.shape[-1]).to(self.matrix)
-        if not torch.isfinite(x).all():
-            raise FloatingPointError("calibration activations contain NaN or Inf")
         t = x.shape[0]
         if t == 0:
             return
-        self.matrix.mul_(self.nsamples / (self.nsamples + t))
-        self.nsamples += t
-        x = x * (2.0 / self.nsamples) ** 0.5
-        self.matrix.addmm_(x.T, x)
-
+        total = self.nsamples + t
+        # H <- H * n/(n+t) + 2/(n+t) x^T x in one fused GEMM (no scaled copy of x)
+        self.matrix.addmm_(x.T, x, beta=self.nsamples / total, alpha=2.0 / total)
+        self.nsamples = total
+        # A NaN or Inf anywhere in x reaches the diagonal (a sum of squares): an O(n) check, not O(t n).
+        if not torch.isfinite(self.matrix.diagonal()).all():
+            raise FloatingPointError("calibration activations contain NaN or Inf (or overflow when squared)")
 
 def damped_inverse(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
     """(H + lambda I)^-1 with lambda = percdamp * mean(diag H), found by Cholesky.
