@@ -25,7 +25,7 @@ from .hessian import damped_inverse
 from .sparsity import Sparsity, parse_sparsity
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "mrp-s", "mrp-m", "mrp")
-MASK_RULES = ("obs", "sparsegpt", "group")
+MASK_RULES = ("obs", "sparsegpt", "group", "admm")
 # Relative residual |A z - w|_inf / (|A|_max |z|_inf + |w|_inf) above which a float32 k x k solve of Solution M
 # is redone in float64 (float32's unit roundoff is 6e-8; a well-conditioned solve lands near 1e-6).
 RESIDUAL_TOL = 1e-4
@@ -100,6 +100,29 @@ def mask_group(w1: torch.Tensor, u1: torch.Tensor, sp: Sparsity) -> torch.Tensor
 
 
 _MASKS = {"obs": mask_obs, "sparsegpt": mask_sparsegpt, "group": mask_group}
+
+
+def mask_admm(w: torch.Tensor, h: torch.Tensor, sp: Sparsity, iters: int = 20, rho0: float = 0.03,
+              growth: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole-row mask by ADMM on min 1/2 (X - W) H (X - W)^T subject to X having the pattern: the
+    splitting of ALPS (Meng et al., NeurIPS 2024, arXiv 2406.07831). X steps solve the unconstrained
+    problem pulled towards the pattern-projected copy D, D steps project (top-N of every group), and the
+    penalty rho grows until the mask settles. Every row sees the whole row's H at every step, unlike a
+    left-to-right sweep. (H + rho I)^-1 comes from one eigendecomposition of H, so a step is two
+    [rows, cols] x [cols, cols] GEMMs shared by all rows. Returns D (a warm start for the refit) and its mask."""
+    lam, q = torch.linalg.eigh(h)
+    wh = w @ h
+    rho = rho0 * h.diagonal().mean()
+    keep = sp.mask(w.abs())
+    d, v = torch.where(keep, w, 0.0), torch.zeros_like(w)
+    for _ in range(iters):
+        x = ((wh - v + rho * d) @ q) / (lam + rho) @ q.T
+        y = x + v / rho
+        keep = sp.mask(y.abs())
+        d = torch.where(keep, y, 0.0)
+        v += rho * (x - d)
+        rho *= growth
+    return d, keep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,18 +414,21 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
         w = torch.where(keep, w, 0.0)
     else:
         u = torch.linalg.cholesky(damped_inverse(h, percdamp), upper=True)
+        h_damped = h + (percdamp * h.diagonal().mean()) * torch.eye(cols, dtype=h.dtype, device=h.device)
+        h_damped.diagonal()[h.diagonal() == 0] += 1.0  # as damped_inverse does for dead inputs
+        rule = mask_rule or ("obs" if method in ("mrp-s", "mrp-m") else MRP_DEFAULT["mask_rule"])
+        w_admm, keep_admm = mask_admm(w, h_damped, sp) if rule == "admm" else (None, None)
         if method == "sparsegpt":
             w, keep = sparsegpt(w, u, sp, blocksize)
         elif method in ("mrp-s", "mrp-m"):
-            w, keep = mrp(w, u, sp, blocksize, mask_rule or "obs", exact=method == "mrp-m")
-        else:  # mrp: a sweep chooses the mask, then Solution M on the whole row refits every kept weight
-            rule = mask_rule or MRP_DEFAULT["mask_rule"]
+            w, keep = mrp(w, u, sp, blocksize, rule if keep_admm is None else keep_admm, exact=method == "mrp-m")
+        else:  # mrp: a mask rule chooses the mask, then Solution M on the whole row refits every kept weight
             if rule == "sparsegpt":  # SparseGPT's own sweep gives the mask and the warm start
                 w_sweep, keep = sparsegpt(w.clone(), u, sp, blocksize)
+            elif rule == "admm":
+                w_sweep, keep = w_admm, keep_admm
             else:
                 w_sweep, keep = mrp(w.clone(), u, sp, blocksize, rule, exact=True)
-            h_damped = h + (percdamp * h.diagonal().mean()) * torch.eye(cols, dtype=h.dtype, device=h.device)
-            h_damped.diagonal()[h.diagonal() == 0] += 1.0  # as damped_inverse does for dead inputs
             if (refit or MRP_DEFAULT["refit"]) == "cg" and refit_blocksize is None:
                 w_fit = refit_cg(w, h_damped, keep, w_sweep)
             else:

@@ -196,3 +196,18 @@ def test_hessian_streaming_matches_batch_formula_for_any_shape():
     flat = torch.cat([x.reshape(-1, 16) for x in xs]).double()
     assert acc.nsamples == flat.shape[0]
     assert torch.allclose(acc.matrix, 2 * flat.T @ flat / flat.shape[0])
+
+
+@pytest.mark.parametrize("spec", ["2:4", "1:4", 0.5])
+def test_admm_mask_meets_the_pattern_and_beats_the_sweep_masks_on_correlated_inputs(spec):
+    w, x, h = correlated_layer(rows=64, cols=128, seed=4)
+    admm = solve(w, h, spec, method="mrp", mask_rule="admm")
+    sweep = solve(w, h, spec, method="mrp", mask_rule="sparsegpt")
+    if spec == 0.5:
+        assert ((admm.weight == 0).sum(1) == 64).all()
+    else:
+        n, m = map(int, spec.split(":"))
+        assert is_nm_sparse(admm.weight, n, m)
+    assert admm.loss < sweep.loss
+    direct = ((admm.weight.double() - w.double()) @ x).pow(2).sum().item()
+    assert admm.loss == pytest.approx(direct, rel=1e-4)
