@@ -7,6 +7,10 @@ time and its ratio to SparseGPT's, peak memory) and writes results/accuracy.json
 
     python benchmarks/accuracy.py                                   # full protocol (about an hour on 2 cores)
     python benchmarks/accuracy.py --calib-samples 32 --eval-windows 16 --methods sparsegpt,mrp
+    python benchmarks/accuracy.py --merge --methods mrp-admm          # add a method to an earlier run
+
+Rows added by --merge were timed in another process than the earlier ones: compare their pruning times
+with care (this machine is shared and noisy).
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ from mrp_pass import prune
 from mrp_pass.data import calibration_windows, evaluation_windows, perplexity
 from mrp_pass.models import load_model, load_tokenizer
 
-# label -> solver options; "mrp+swap" spends more time on the mask (one swap-refinement pass).
+# label -> solver options. "mrp-admm" chooses the mask by ADMM over the whole row, "mrp+swap" refines
+# the sweep's mask by one swap pass; both spend more time on the mask than the default `mrp`.
 METHODS = {
     "magnitude": {"method": "magnitude"},
     "wanda": {"method": "wanda"},
@@ -30,6 +35,7 @@ METHODS = {
     "mrp-s": {"method": "mrp-s"},
     "mrp-m": {"method": "mrp-m"},
     "mrp": {"method": "mrp"},
+    "mrp-admm": {"method": "mrp", "mask_rule": "admm"},
     "mrp+swap": {"method": "mrp", "swap_iters": 1},
 }
 
@@ -43,7 +49,14 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--out", default="results/accuracy.json")
+    ap.add_argument("--merge", action="store_true",
+                    help="add to the rows already in --out (same protocol), skipping methods it has")
     args = ap.parse_args()
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if args.merge and out.is_file() else {}
+    if previous and {k: v for k, v in previous["protocol"].items() if k not in ("methods", "merge")} != {
+            k: v for k, v in vars(args).items() if k not in ("methods", "merge")}:
+        raise SystemExit(f"--merge: {out} was measured with another protocol: {previous['protocol']}")
 
     tok = load_tokenizer(args.model)
     model = load_model(args.model)
@@ -52,8 +65,10 @@ def main() -> None:
     evals = evaluation_windows(tok, args.eval_seqlen, args.eval_windows)
     print(f"calibration {len(calib)} x {args.calib_seqlen} tokens, evaluation {len(evals)} x {args.eval_seqlen}",
           flush=True)
-    rows: dict[str, dict] = {}
+    rows: dict[str, dict] = previous.get("results", {})
     for label in args.methods.split(","):
+        if label in rows:
+            continue
         model.load_state_dict(dense_state)
         row: dict = {}
         if label != "dense":
@@ -72,13 +87,18 @@ def main() -> None:
         row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         rows[label] = row
         print(f"{label:10s} " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
+        save(out, args, rows)  # after every method: a long run that is stopped keeps what it measured
 
     table(rows)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"protocol": vars(args), "results": rows}, indent=1))
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def save(out: Path, args: argparse.Namespace, rows: dict) -> None:
+    from export.atomic import atomic_write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, json.dumps({"protocol": vars(args), "results": rows}, indent=1))
 
 
 def table(rows: dict[str, dict]) -> None:

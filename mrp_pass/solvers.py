@@ -102,19 +102,20 @@ def mask_group(w1: torch.Tensor, u1: torch.Tensor, sp: Sparsity) -> torch.Tensor
 _MASKS = {"obs": mask_obs, "sparsegpt": mask_sparsegpt, "group": mask_group}
 
 
-def mask_admm(w: torch.Tensor, h: torch.Tensor, sp: Sparsity, iters: int = 20, rho0: float = 0.03,
-              growth: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_admm(w: torch.Tensor, h: torch.Tensor, sp: Sparsity, start: torch.Tensor | None = None, iters: int = 20,
+              rho0: float = 0.03, growth: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-row mask by ADMM on min 1/2 (X - W) H (X - W)^T subject to X having the pattern: the
     splitting of ALPS (Meng et al., NeurIPS 2024, arXiv 2406.07831). X steps solve the unconstrained
     problem pulled towards the pattern-projected copy D, D steps project (top-N of every group), and the
     penalty rho grows until the mask settles. Every row sees the whole row's H at every step, unlike a
     left-to-right sweep. (H + rho I)^-1 comes from one eigendecomposition of H, so a step is two
-    [rows, cols] x [cols, cols] GEMMs shared by all rows. Returns D (a warm start for the refit) and its mask."""
+    [rows, cols] x [cols, cols] GEMMs shared by all rows. `start`: an N:M weight to start D from (default:
+    magnitude pruning). Returns D (a warm start for the refit) and its mask."""
     lam, q = torch.linalg.eigh(h)
     wh = w @ h
     rho = rho0 * h.diagonal().mean()
-    keep = sp.mask(w.abs())
-    d, v = torch.where(keep, w, 0.0), torch.zeros_like(w)
+    d = torch.where(sp.mask(w.abs()), w, 0.0) if start is None else start.clone()
+    v, keep = torch.zeros_like(w), d != 0
     for _ in range(iters):
         x = ((wh - v + rho * d) @ q) / (lam + rho) @ q.T
         y = x + v / rho
@@ -417,22 +418,26 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
         h_damped = h + (percdamp * h.diagonal().mean()) * torch.eye(cols, dtype=h.dtype, device=h.device)
         h_damped.diagonal()[h.diagonal() == 0] += 1.0  # as damped_inverse does for dead inputs
         rule = mask_rule or ("obs" if method in ("mrp-s", "mrp-m") else MRP_DEFAULT["mask_rule"])
-        w_admm, keep_admm = mask_admm(w, h_damped, sp) if rule == "admm" else (None, None)
         if method == "sparsegpt":
             w, keep = sparsegpt(w, u, sp, blocksize)
         elif method in ("mrp-s", "mrp-m"):
-            w, keep = mrp(w, u, sp, blocksize, rule if keep_admm is None else keep_admm, exact=method == "mrp-m")
+            block_rule = mask_admm(w, h_damped, sp)[1] if rule == "admm" else rule
+            w, keep = mrp(w, u, sp, blocksize, block_rule, exact=method == "mrp-m")
         else:  # mrp: a mask rule chooses the mask, then Solution M on the whole row refits every kept weight
-            if rule == "sparsegpt":  # SparseGPT's own sweep gives the mask and the warm start
+            if rule in ("sparsegpt", "admm"):  # SparseGPT's own sweep gives the mask and the warm start
                 w_sweep, keep = sparsegpt(w.clone(), u, sp, blocksize)
-            elif rule == "admm":
-                w_sweep, keep = w_admm, keep_admm
             else:
                 w_sweep, keep = mrp(w.clone(), u, sp, blocksize, rule, exact=True)
             if (refit or MRP_DEFAULT["refit"]) == "cg" and refit_blocksize is None:
                 w_fit = refit_cg(w, h_damped, keep, w_sweep)
             else:
                 w_fit, keep = mrp(w.clone(), u, sp, refit_blocksize or cols, keep, exact=True)
+            if rule == "admm":  # ADMM from the sweep's weights; each row keeps whichever refit is better,
+                # because a fixed penalty schedule does not suit every layer (it loses to the sweep on some)
+                d, keep_admm = mask_admm(w, h_damped, sp, start=w_sweep)
+                w_admm = refit_cg(w, h_damped, keep_admm, d)
+                better = (_row_loss(w_admm, w, h_damped) < _row_loss(w_fit, w, h_damped))[:, None]
+                w_fit, keep = torch.where(better, w_admm, w_fit), torch.where(better, keep_admm, keep)
             for _ in range(MRP_DEFAULT["swap_iters"] if swap_iters is None else swap_iters):
                 if not sp.structured:
                     break
