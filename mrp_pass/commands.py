@@ -11,20 +11,11 @@ from pathlib import Path
 
 import torch
 
+from .models import plain_config
+
 
 def default_device(name: str | None) -> torch.device:
     return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _plain_config(model) -> None:
-    """The pruned weights are dense float tensors now: a GGUF-loaded model must not be saved with a
-    quantization_config claiming otherwise (from_pretrained would try to quantize or refuse)."""
-    config = model.config
-    if getattr(config, "quantization_config", None) is not None:
-        del config.quantization_config
-    for attr in ("hf_quantizer", "quantization_method"):
-        if getattr(model, attr, None) is not None:
-            setattr(model, attr, None)
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -42,7 +33,7 @@ def save_pruned(model, tokenizer, report, out: str | os.PathLike, overwrite: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _plain_config(model)
+        plain_config(model)  # also for models loaded before this fix or built by hand
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 from pathlib import Path
@@ -77,7 +78,22 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
             f"could not load model {name_or_path!r}: {e}\nPass '{DEFAULT_MODEL}' (embedded), a local HF directory, "
             "a .gguf file, or a hub id when online."
         ) from e
+    if gguf:
+        plain_config(model)
     return model.to(device).eval()
+
+
+def plain_config(model) -> None:
+    """A GGUF model is dequantized on load: its weights are plain float tensors, but transformers keeps a
+    quantization_config and quantizer on it, which refuse .half() / .to(dtype) and would make
+    save_pretrained write a config that from_pretrained tries to quantize again. Drop them."""
+    config = model.config
+    if getattr(config, "quantization_config", None) is not None:
+        del config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method", "is_quantized"):
+        if getattr(model, attr, None):
+            with contextlib.suppress(AttributeError):  # a read-only property derived from hf_quantizer
+                setattr(model, attr, None if attr != "is_quantized" else False)
 
 
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
