@@ -33,6 +33,7 @@ VARIANTS = [
     ("mrp group-mask + row refit", dict(method="mrp", mask_rule="group")),
     ("mrp + b256 refit", dict(method="mrp", refit_blocksize=256)),
     ("mrp exact refit", dict(method="mrp", refit="exact")),
+    ("mrp admm mask", dict(method="mrp", mask_rule="admm")),
     ("mrp + 1 swap pass", dict(method="mrp", swap_iters=1)),
     ("mrp + 2 swap passes", dict(method="mrp", swap_iters=2)),
 ]
