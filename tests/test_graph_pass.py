@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import VOCAB, tiny_llama
 from torch import nn
 
 from mrp_pass import Hessian, find_linears, is_nm_sparse, prune, prune_graph, solve
@@ -13,15 +14,6 @@ from mrp_pass import Hessian, find_linears, is_nm_sparse, prune, prune_graph, so
 transformers = pytest.importorskip("transformers")
 prune_module = importlib.import_module("mrp_pass.fx_pass")
 
-VOCAB = 128
-
-
-def tiny_llama(tie: bool = False):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def windows(n: int = 4, seqlen: int = 16, seed: int = 1) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import VOCAB, tiny_llama
 from torch import fx, nn
 
 import mrp_pass
@@ -20,16 +21,7 @@ from mrp_pass.cli import main
 transformers = pytest.importorskip("transformers")
 fx_pass = mrp_pass.fx_pass if hasattr(mrp_pass, "fx_pass") else __import__("mrp_pass.fx_pass").fx_pass
 
-VOCAB = 128
 BAD_SPARSITY = ["3:2", "2:0", "0:4", "4:4", "abc", "2:4:8", "", "nan", 1.5, 0, 1, -0.5, True, None, "150%"]
-
-
-def tiny_llama(tie: bool = False):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, intermediate_size=128, vocab_size=VOCAB,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def mlp(width: int = 16, dtype=torch.float32):
