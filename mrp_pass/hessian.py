@@ -38,7 +38,14 @@ class Hessian:
             raise FloatingPointError("calibration activations contain NaN or Inf (or overflow when squared)")
 
 def damped_inverse(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
-    """(H + lambda I)^-1 with lambda = percdamp * mean(diag H), found by Cholesky.
+    """(H + lambda I)^-1 with lambda = percdamp * mean(diag H): see `damped_hessian`."""
+    return damped_hessian(hessian, percdamp, max_tries)[1]
+
+
+def damped_hessian(hessian: torch.Tensor, percdamp: float = 0.01,
+                   max_tries: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + lambda I, its inverse) with lambda = percdamp * mean(diag H), found by Cholesky: solvers that use
+    both the damped H and its inverse get the same damping, escalated or not.
 
     Dead inputs (zero diagonal: the input is always 0) get a unit diagonal so H stays invertible.
     When the factorisation fails, lambda grows tenfold (with a warning) up to `max_tries` times, then
@@ -56,11 +63,12 @@ def damped_inverse(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int
     scale = diag.mean().item()
     damp = percdamp * scale
     for attempt in range(max_tries):
-        chol, info = torch.linalg.cholesky_ex(h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        h_damped = h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(h_damped)
         if info.item() == 0:
             inv = torch.cholesky_inverse(chol)
             if torch.isfinite(inv).all():
-                return inv
+                return h_damped, inv
         if attempt == max_tries - 1:
             break
         new = max(damp * 10, 1e-8 * scale)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .hessian import damped_inverse
+from .hessian import damped_hessian
 from .sparsity import Sparsity, parse_sparsity
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "mrp-s", "mrp-m", "mrp")
@@ -422,9 +422,8 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
         keep = sp.mask(score)
         w = torch.where(keep, w, 0.0)
     else:
-        u = torch.linalg.cholesky(damped_inverse(h, percdamp), upper=True)
-        h_damped = h + (percdamp * h.diagonal().mean()) * torch.eye(cols, dtype=h.dtype, device=h.device)
-        h_damped.diagonal()[h.diagonal() == 0] += 1.0  # as damped_inverse does for dead inputs
+        h_damped, h_inv = damped_hessian(h, percdamp)
+        u = torch.linalg.cholesky(h_inv, upper=True)
         rule = mask_rule or ("obs" if method in ("mrp-s", "mrp-m") else MRP_DEFAULT["mask_rule"])
         if method == "sparsegpt":
             w, keep = sparsegpt(w, u, sp, blocksize)
