@@ -9,8 +9,9 @@ time and its ratio to SparseGPT's, peak memory) and writes results/accuracy.json
     python benchmarks/accuracy.py --calib-samples 32 --eval-windows 16 --methods sparsegpt,mrp
     python benchmarks/accuracy.py --merge --methods mrp-admm          # add a method to an earlier run
 
-Rows added by --merge were timed in another process than the earlier ones: compare their pruning times
-with care (this machine is shared and noisy).
+Every method runs in a fresh process (one at a time), so its peak resident memory (model, calibration
+activations, Hessians, solver) is its own; the windows are the same for all. Rows added by --merge were
+timed in another run than the earlier ones: compare their pruning times with care.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ import argparse
 import json
 import resource
 import time
-import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
+
+import torch
 
 from mrp_pass import prune
 from mrp_pass.data import calibration_windows, evaluation_windows, perplexity
 from mrp_pass.models import load_model, load_tokenizer
 
-# label -> solver options. "mrp-admm" chooses the mask by ADMM over the whole row, "mrp+swap" refines
-# the sweep's mask by one swap pass; both spend more time on the mask than the default `mrp`.
+# label -> solver options. "mrp-sweep" is mrp with SparseGPT's sweep choosing the mask (the default mask is
+# ADMM's), "mrp+swap" refines the mask by one exact swap pass.
 METHODS = {
     "magnitude": {"method": "magnitude"},
     "wanda": {"method": "wanda"},
@@ -35,7 +39,7 @@ METHODS = {
     "mrp-s": {"method": "mrp-s"},
     "mrp-m": {"method": "mrp-m"},
     "mrp": {"method": "mrp"},
-    "mrp-admm": {"method": "mrp", "mask_rule": "admm"},
+    "mrp-sweep": {"method": "mrp", "mask_rule": "sparsegpt"},
     "mrp+swap": {"method": "mrp", "swap_iters": 1},
 }
 
@@ -58,40 +62,41 @@ def main() -> None:
             k: v for k, v in vars(args).items() if k not in ("methods", "merge")}:
         raise SystemExit(f"--merge: {out} was measured with another protocol: {previous['protocol']}")
 
-    tok = load_tokenizer(args.model)
-    model = load_model(args.model)
-    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
-    calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
-    evals = evaluation_windows(tok, args.eval_seqlen, args.eval_windows)
-    print(f"calibration {len(calib)} x {args.calib_seqlen} tokens, evaluation {len(evals)} x {args.eval_seqlen}",
-          flush=True)
     rows: dict[str, dict] = previous.get("results", {})
+    for label in args.methods.split(","):
+        if label != "dense" and label not in METHODS:
+            raise SystemExit(f"unknown method {label!r}; choose from dense, {', '.join(METHODS)}")
     for label in args.methods.split(","):
         if label in rows:
             continue
-        model.load_state_dict(dense_state)
-        row: dict = {}
-        if label != "dense":
-            if label not in METHODS:
-                raise SystemExit(f"unknown method {label!r}; choose from dense, {', '.join(METHODS)}")
-            tracemalloc.start()
-            t0 = time.perf_counter()
-            report = prune(model, calib, "2:4", progress=False, **METHODS[label])
-            row["prune_seconds"] = time.perf_counter() - t0
-            row["peak_python_mib"] = tracemalloc.get_traced_memory()[1] / 2**20
-            tracemalloc.stop()
-            row["layers_pruned"] = len(report.pruned)
-            row["mean_layer_relative_error"] = report.mean_relative_error
-            row["solve_seconds"] = report.solve_seconds
-        row["ppl"] = perplexity(model, evals)
-        row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        rows[label] = row
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # fresh process: its own peak RSS
+            rows[label] = row = pool.submit(measure, label, args).result()
         print(f"{label:10s} " + "  ".join(f"{k}={v:.4g}" for k, v in row.items()), flush=True)
         save(out, args, rows)  # after every method: a long run that is stopped keeps what it measured
 
     table(rows)
     plot(rows, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def measure(label: str, args: argparse.Namespace) -> dict:
+    """Prune a fresh copy of the model with one method and measure it (runs in its own process)."""
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model)
+    calib = calibration_windows(tok, args.calib_samples, args.calib_seqlen, seed=0)
+    evals = evaluation_windows(tok, args.eval_seqlen, args.eval_windows)
+    row: dict = {}
+    if label != "dense":
+        t0 = time.perf_counter()
+        report = prune(model, calib, "2:4", progress=False, **METHODS[label])
+        row["prune_seconds"] = time.perf_counter() - t0
+        row["solve_seconds"] = report.solve_seconds
+        row["layers_pruned"] = len(report.pruned)
+        row["mean_layer_relative_error"] = report.mean_relative_error
+    row["ppl"] = perplexity(model, evals)
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row["threads"] = torch.get_num_threads()
+    return row
 
 
 def save(out: Path, args: argparse.Namespace, rows: dict) -> None:

