@@ -108,14 +108,17 @@ def save(out: Path, args: argparse.Namespace, rows: dict) -> None:
 
 def table(rows: dict[str, dict]) -> None:
     dense, sgpt = rows.get("dense", {}).get("ppl"), rows.get("sparsegpt", {})
-    print(f"\n{'method':10s} {'ppl':>9s} {'gap closed':>11s} {'prune s':>8s} {'t/sparsegpt':>12s} {'peak MiB':>9s}")
+    print(f"\n{'method':10s} {'ppl':>9s} {'gap closed':>11s} {'prune s':>8s} {'t/sparsegpt':>12s} "
+          f"{'solve/sparsegpt':>16s} {'peak MiB':>9s}")
     for label, r in rows.items():
-        gap = ""
-        if dense and sgpt and label not in ("dense", "sparsegpt") and sgpt["ppl"] > dense:
+        gap = ""  # share of the SparseGPT-to-dense gap closed, for methods at least as good as SparseGPT
+        if dense and sgpt and label not in ("dense", "sparsegpt") and sgpt["ppl"] > dense and r["ppl"] <= sgpt["ppl"]:
             gap = f"{(sgpt['ppl'] - r['ppl']) / (sgpt['ppl'] - dense):.1%}"
-        t = r.get("prune_seconds")
+        t, ts = r.get("prune_seconds"), r.get("solve_seconds")
         ratio = f"{t / sgpt['prune_seconds']:.2f}x" if t and sgpt.get("prune_seconds") else ""
-        print(f"{label:10s} {r['ppl']:9.2f} {gap:>11s} {t or 0:8.0f} {ratio:>12s} {r['peak_rss_mib']:9.0f}")
+        solve_ratio = f"{ts / sgpt['solve_seconds']:.2f}x" if ts and sgpt.get("solve_seconds") else ""
+        print(f"{label:10s} {r['ppl']:9.2f} {gap:>11s} {t or 0:8.0f} {ratio:>12s} {solve_ratio:>16s} "
+              f"{r['peak_rss_mib']:9.0f}")
 
 
 def plot(rows: dict[str, dict], path: Path) -> None:
