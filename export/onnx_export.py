@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import time
 import warnings
@@ -106,6 +108,21 @@ def pruned_fingerprints(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str,
     return table, names
 
 
+@contextlib.contextmanager
+def quiet_onnx_exporter():
+    """The dynamo exporter's deprecation warnings and its "torchvision is not installed" log lines are not
+    actionable for users of a language model: hide them while exporting."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registration.setLevel(level)
+
+
 def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             dynamic: bool = True) -> ExportReport:
     """Export `model` (any nn.Module; HF causal LMs as input_ids -> logits without KV cache) to ONNX.
@@ -129,8 +146,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: to
     external = param_bytes(src) > EXTERNAL_DATA_BYTES
     expected, pruned = pruned_fingerprints(src, dtype)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable for users
+    with quiet_onnx_exporter():
         program = torch.onnx.export(
             module, traced_inputs, None, dynamo=True, input_names=input_names, output_names=output_names,
             # HF wrapper: forward(input_ids); others: forward(*inputs), whose specs nest one level deeper.

@@ -704,17 +704,11 @@ class _OnnxEngine(_ShapeSpecialised):
         module = _Bound(self.frozen, template).eval()
         path = self.opts.output_dir / f"{stem}.onnx"
         names = [f"input_{i}" for i in range(len(tensors))]
-        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-        level = registration.level
-        registration.setLevel(logging.ERROR)  # "torchvision is not installed" lines are noise for this graph
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the exporter's deprecation chatter is not actionable here
-                program = torch.onnx.export(module, tuple(tensors), None, dynamo=True, input_names=names,
-                                            verbose=False)
-        finally:
-            registration.setLevel(level)
         from export.atomic import atomic_files
+        from export.onnx_export import quiet_onnx_exporter
+
+        with quiet_onnx_exporter():
+            program = torch.onnx.export(module, tuple(tensors), None, dynamo=True, input_names=names, verbose=False)
 
         with atomic_files(path) as tmp:
             program.save(str(tmp / path.name))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import json
 import logging
 import math
@@ -714,15 +715,32 @@ def _no_kv_cache(model: nn.Module):
         config.use_cache = saved
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """torch.export logs symbolic-shape warnings and prints partial graphs to stderr when a model cannot be
+    exported; the fallback makes that an ordinary event, and both errors are in the message if it fails."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logging.disable(previous)
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:
     """A GraphModule of `model` whose weights are get_attr nodes named by the model's own parameter
     paths: torch.export (non-strict; aten-level linears), falling back to torch.fx.symbolic_trace."""
     kwargs = kwargs or {}
     try:
-        return torch.export.export(model, args, kwargs, strict=False).module()
+        with _quiet_torch_logs():
+            return torch.export.export(model, args, kwargs, strict=False).module()
     except Exception as export_error:
         try:
-            return fx.symbolic_trace(model)
+            gm = fx.symbolic_trace(model)
+            log.info("torch.export could not capture %s (%r); using torch.fx.symbolic_trace",
+                     type(model).__name__, export_error)
+            return gm
         except Exception as trace_error:
             raise RuntimeError(
                 f"cannot capture a graph of {type(model).__name__}: torch.export failed with {export_error!r}; "

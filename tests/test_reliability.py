@@ -6,6 +6,7 @@ input is legal but weak), and a failed prune must leave the model bit-identical.
 import copy
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -183,6 +184,23 @@ def test_symbolic_trace_of_nn_linear_modules():
     assert [layer.name for layer in report.pruned] == ["0", "2", "4"]
     for layer in report.pruned:
         assert is_nm_sparse(model.get_submodule(layer.name).weight)
+
+
+def test_a_model_torch_export_cannot_capture_falls_back_quietly(monkeypatch, capfd, caplog):
+    """torch.export prints partial graphs to stderr and logs shape warnings when it fails (torch 2.13's
+    _trace.py); the pass falls back to symbolic_trace, so none of that reaches the user."""
+    def failing_export(*args, **kwargs):
+        print("partial fx graph dump", file=sys.stderr)
+        logging.getLogger("torch.fx.experimental.symbolic_shapes").warning("Unable to find user code")
+        raise RuntimeError("data-dependent control flow")
+
+    monkeypatch.setattr(torch.export, "export", failing_export)
+    model = mlp()
+    report = prune(model, xs(), method="sparsegpt", progress=False)
+    assert [layer.name for layer in report.pruned] == ["0", "2", "4"]
+    assert is_nm_sparse(model[2].weight)
+    assert "partial fx graph dump" not in capfd.readouterr().err
+    assert "Unable to find user code" not in caplog.text
 
 
 def test_width_not_multiple_of_m_is_skipped_with_a_note():
