@@ -223,3 +223,10 @@ def test_fast_2_4_mask_keeps_what_topk_keeps_ties_and_nan_included():
         groups = s.reshape(s.shape[0], -1, 4)
         expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(2, dim=2).indices, True)
         assert torch.equal(parse_sparsity("2:4").mask(s), expected.reshape(s.shape))
+
+
+def test_mrp_default_is_the_measured_one_admm_mask_and_cg_refit():
+    w, _, h = correlated_layer(seed=2)
+    default = solve(w, h, "2:4")
+    assert torch.equal(default.weight, solve(w, h, "2:4", method="mrp", mask_rule="admm", refit="cg").weight)
+    assert not torch.equal(default.mask, solve(w, h, "2:4", method="mrp", mask_rule="sparsegpt").mask)
