@@ -38,7 +38,7 @@ class Sparsity:
         if self.structured:
             groups = score.reshape(rows, cols // self.m, self.m)
             if (self.n, self.m) == (2, 4):
-                # 3x faster than topk on CPU, and ADMM takes a mask every iteration: keep what reaches the
+                # 2x faster than topk on CPU, and ADMM takes a mask every iteration: keep what reaches the
                 # second largest of the group (max of the pairs' minima and of the minimum of their maxima)
                 pairs = groups.reshape(rows, -1, 2, 2)
                 second = torch.maximum(pairs.amax(3).amin(2), pairs.amin(3).amax(2))
