@@ -15,6 +15,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--blocksize", type=int, default=128)
     p.add_argument("--percdamp", type=float, default=0.01)
+    p.add_argument("--mask-rule", default=None,
+                   help="how mrp chooses the mask: admm (default) | sparsegpt | group | obs (see the README)")
     p.add_argument("--device", default=None, help="calibration device (default: cuda if available, else cpu)")
     p.add_argument("--out", required=True, help="output directory (HF save_pretrained layout + report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")

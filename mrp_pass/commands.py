@@ -57,7 +57,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from .models import load_model, load_tokenizer
     from .solvers import check_options
 
-    check_options(args.sparsity, args.method, args.blocksize, args.percdamp, None)  # fail before minutes of loading
+    mask_rule = getattr(args, "mask_rule", None)
+    check_options(args.sparsity, args.method, args.blocksize, args.percdamp, mask_rule)  # before minutes of loading
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
         if value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
@@ -71,10 +72,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model = load_model(args.model)  # stays on the CPU: weights visit `device` while their layer is calibrated
     tokenizer = load_tokenizer(args.model)
     calib = calibration_windows(tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
-    print(f"pruning {args.model} to {args.sparsity} with {args.method} on {len(calib)} x {args.calib_seqlen} "
+    how = args.method + (f" (mask rule {mask_rule})" if mask_rule else "")
+    print(f"pruning {args.model} to {args.sparsity} with {how} on {len(calib)} x {args.calib_seqlen} "
           f"calibration tokens (device {device})", flush=True)
+    solver_kwargs = {} if mask_rule is None else {"mask_rule": mask_rule}
     report = prune(model, calib, args.sparsity, args.method, blocksize=args.blocksize, percdamp=args.percdamp,
-                   device=device, progress=not getattr(args, "no_progress", False))
+                   device=device, progress=not getattr(args, "no_progress", False), **solver_kwargs)
     print(report)
     out = save_pruned(model, tokenizer, report, args.out, overwrite=getattr(args, "overwrite", False))
     print(f"saved the pruned model and report.json to {out} ({time.perf_counter() - t0:.0f} s in all)")

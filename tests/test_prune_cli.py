@@ -32,6 +32,16 @@ def test_prune_saves_reloadable_pruned_model(tiny_dir, tmp_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
+def test_mask_rule_reaches_the_solver_and_bad_rules_fail_before_loading(tiny_dir, tmp_path, capsys):
+    assert main(prune_args(tiny_dir, tmp_path / "bad", "--method", "mrp", "--mask-rule", "best")) == 2
+    assert "unknown mask_rule 'best'" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    for rule in ("admm", "sparsegpt"):
+        assert main(prune_args(tiny_dir, tmp_path / rule, "--method", "mrp", "--mask-rule", rule)) == 0
+        assert f"with mrp (mask rule {rule})" in capsys.readouterr().out
+    admm, sweep = (load_model(tmp_path / r).model.layers[0].mlp.down_proj.weight for r in ("admm", "sparsegpt"))
+    assert is_nm_sparse(admm) and is_nm_sparse(sweep) and not torch.equal(admm != 0, sweep != 0)
+
+
 def test_prune_refuses_to_clobber_without_overwrite(tiny_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
     out.mkdir()
