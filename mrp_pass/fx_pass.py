@@ -596,8 +596,10 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
         bar.close()
     if state.rank_deficient:
         tokens, width, names = state.rank_deficient[0]
-        msg = (f"H is rank-deficient for {len(state.rank_deficient)} layer groups: only {tokens} calibration tokens "
-               f"for {width} inputs at {names[0]} (and similar); the solve relies on damping (percdamp={percdamp}). "
+        count = len(state.rank_deficient)
+        where = f"{names[0]}" + (" (and similar)" if count > 1 else "")
+        msg = (f"H is rank-deficient for {count} layer group{'s' if count > 1 else ''}: only {tokens} calibration "
+               f"tokens for {width} inputs at {where}; the solve relies on damping (percdamp={percdamp}). "
                "Use more or longer calibration samples")
         report.notes.append(msg)
         warnings.warn(f"mrp_pass: {msg}", UserWarning, stacklevel=3)
