@@ -53,19 +53,16 @@ def save_pruned(model, tokenizer, report, out: str | os.PathLike, overwrite: boo
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from .data import calibration_windows
-    from .fx_pass import prune
+    from .fx_pass import _check_options, prune
     from .models import load_model, load_tokenizer
-    from .solvers import check_options
 
     mask_rule = getattr(args, "mask_rule", None)
-    check_options(args.sparsity, args.method, args.blocksize, args.percdamp, mask_rule)  # before minutes of loading
+    solver_kwargs = {} if mask_rule is None else {"mask_rule": mask_rule}
+    # every option (and the device) checked before minutes of loading
+    _check_options(args.sparsity, args.method, args.blocksize, args.percdamp, "rollback", args.device, solver_kwargs)
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
         if value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    if args.device is not None:
-        from .fx_pass import _check_options
-
-        _check_options(args.sparsity, args.method, args.blocksize, args.percdamp, "rollback", args.device, {})
     _check_out(Path(args.out), getattr(args, "overwrite", False))
     device = default_device(args.device)
     t0 = time.perf_counter()
@@ -75,7 +72,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     how = args.method + (f" (mask rule {mask_rule})" if mask_rule else "")
     print(f"pruning {args.model} to {args.sparsity} with {how} on {len(calib)} x {args.calib_seqlen} "
           f"calibration tokens (device {device})", flush=True)
-    solver_kwargs = {} if mask_rule is None else {"mask_rule": mask_rule}
     report = prune(model, calib, args.sparsity, args.method, blocksize=args.blocksize, percdamp=args.percdamp,
                    device=device, progress=not getattr(args, "no_progress", False), **solver_kwargs)
     print(report)

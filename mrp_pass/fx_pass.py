@@ -36,7 +36,7 @@ from torch.fx.node import map_arg
 
 from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
 from .hessian import Hessian
-from .solvers import REFITS, check_options, solve
+from .solvers import check_options, solve
 
 log = logging.getLogger(__name__)
 
@@ -200,16 +200,14 @@ _SOLVER_ARGS = set(inspect.signature(solve).parameters) - {"weight", "hessian", 
 def _check_options(sparsity, method: str, blocksize: int, percdamp: float, on_error: str, device,
                    solver_kwargs: dict) -> tuple:
     """(Sparsity, calibration device or None); ValueError / TypeError naming the bad value and the allowed ones."""
-    sp = check_options(sparsity, method, blocksize, percdamp, solver_kwargs.get("mask_rule"))
+    sp = check_options(sparsity, method, blocksize, percdamp, solver_kwargs.get("mask_rule"),
+                       solver_kwargs.get("refit"))
     if on_error not in ON_ERROR:
         raise ValueError(f"unknown on_error {on_error!r}; choose one of {', '.join(ON_ERROR)}")
     unknown = sorted(set(solver_kwargs) - _SOLVER_ARGS)
     if unknown:
         raise TypeError(f"unknown solver options {unknown}; accepted: {', '.join(sorted(_SOLVER_ARGS))}")
-    # solve() accepts these silently otherwise (a typo in refit ran the exact refit; a bad width failed mid-pass)
-    refit = solver_kwargs.get("refit")
-    if refit is not None and refit not in REFITS:
-        raise ValueError(f"unknown refit {refit!r}; choose one of {', '.join(REFITS)}")
+    # solve() accepts these silently otherwise (a bad width failed mid-pass)
     rb = solver_kwargs.get("refit_blocksize")
     if rb is not None and (isinstance(rb, bool) or not isinstance(rb, int) or rb <= 0
                            or (sp.structured and rb % sp.m)):
