@@ -441,30 +441,26 @@ def test_keep_partial_keeps_what_was_pruned_and_says_so(monkeypatch):
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, before["model.layers.1.mlp.down_proj.weight"])
 
 
-def test_non_finite_solution_is_never_written(monkeypatch):
-    model = mlp()
+def _first_entry_nan(w):
+    w = w.clone()
+    w[0, 0] = float("nan")
+    return w
+
+
+@pytest.mark.parametrize("dtype, corrupt, match", [
+    (torch.float32, _first_entry_nan, r"layer 0: the solved weight has NaN or Inf.*not written"),
+    (torch.float16, lambda w: w.float() * 1e6, r"NaN or Inf in torch\.float16"),  # past fp16's 65504 after the cast
+], ids=["nan", "fp16-overflow"])
+def test_non_finite_solution_is_never_written(dtype, corrupt, match, monkeypatch):
+    model = mlp(dtype=dtype)
     before = state(model)
 
-    def nan_solve(*args, **kwargs):
+    def corrupt_solve(*args, **kwargs):
         result = solve(*args, **kwargs)
-        result.weight[0, 0] = float("nan")
+        result.weight = corrupt(result.weight)
         return result
-    monkeypatch.setattr(fx_pass, "solve", nan_solve)
-    with pytest.raises(FloatingPointError, match=r"layer 0: the solved weight has NaN or Inf.*not written"):
-        prune(model, xs(), progress=False)
-    assert_bit_identical(model, before)
-
-
-def test_fp16_overflow_of_the_compensated_weight_is_refused(monkeypatch):
-    model = mlp(dtype=torch.float16)
-    before = state(model)
-
-    def big_solve(*args, **kwargs):
-        result = solve(*args, **kwargs)
-        result.weight = result.weight.float() * 1e6  # past fp16's 65504 after the cast back
-        return result
-    monkeypatch.setattr(fx_pass, "solve", big_solve)
-    with pytest.raises(FloatingPointError, match=r"NaN or Inf in torch\.float16"):
+    monkeypatch.setattr(fx_pass, "solve", corrupt_solve)
+    with pytest.raises(FloatingPointError, match=match):
         prune(model, xs(), progress=False)
     assert_bit_identical(model, before)
 
