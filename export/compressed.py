@@ -24,9 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrp_pass import is_nm_sparse
-
 from .atomic import atomic_dir
+from .pattern import is_nm_sparse
 from .wrap import is_hf_causal_lm
 
 FORMAT = "sparse-24-bitmask"

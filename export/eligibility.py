@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from mrp_pass import is_nm_sparse
+from .pattern import is_nm_sparse
 
 # Sparse tensor cores exist from Ampere (compute capability 8.0) on: A100, A10, RTX 30xx, L4, H100, H200.
 MIN_CAPABILITY = (8, 0)

@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mrp_pass import is_nm_sparse
-
 from .atomic import atomic_files
 from .eligibility import EligibilityReport, eligibility, linear_weights
 from .onnx_check import InitializerCheck, check_onnx_2_4, fingerprint
+from .pattern import is_nm_sparse
 from .wrap import as_tuple, cast_inputs, cast_model, is_hf_causal_lm, param_bytes, wrap
 
 # A protobuf message cannot exceed 2 GiB; stay clear of it (the graph itself needs room too).

@@ -8,7 +8,30 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mrp_pass.data import main_output
+
+def main_output(out) -> torch.Tensor:
+    """The logits of a model's output: HF ModelOutput, tuple/list (first item) or a plain tensor."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(value: str | torch.dtype) -> torch.dtype:
+    """A floating dtype from torch.float16 or a name ("fp16", "float16", "torch.float16", "bf16", ...)."""
+    if isinstance(value, torch.dtype) and value in DTYPES.values():
+        return value
+    name = str(value).lower().removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {value!r}; valid: float32, float16, bfloat16 (or fp32, fp16, bf16)")
+    return DTYPES[name]
 
 
 def is_hf_causal_lm(model: nn.Module) -> bool:

@@ -62,14 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         add(sub.add_parser(name, help=help_))
     args = parser.parse_args(argv)
     try:
-        if args.command in ("prune", "eval"):
+        if args.command in ("prune", "eval", "export"):
             from . import commands
 
             return getattr(commands, f"cmd_{args.command}")(args)
-        if args.command == "export":
-            from export.cli import cmd_export
-
-            return cmd_export(args)
         from runtime.cli import cmd_bench
 
         return cmd_bench(args)

@@ -1,8 +1,9 @@
-"""`mrp prune` and `mrp eval`: the command-line face of the pass (arguments are declared in cli.py)."""
+"""`mrp prune`, `mrp eval` and `mrp export`: the command-line face of the pass (arguments are declared in cli.py)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import tempfile
@@ -94,4 +95,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ppl = perplexity(model, windows, device, progress=True)
     what = "whole test split" if args.full else "quick slice of the test split"
     print(f"{args.model}: WikiText-2 perplexity {ppl:.3f} ({what}: {len(windows)} windows x {seqlen} tokens)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export import eligibility, save_compressed, to_onnx, to_tensorrt
+    from export.atomic import atomic_write_text
+    from export.tensorrt_export import require_tensorrt
+    from export.wrap import parse_dtype
+
+    from .models import load_model
+
+    dtype = parse_dtype(args.dtype or ("float32" if args.format == "onnx" else "float16"))
+    if args.format == "tensorrt":
+        require_tensorrt()  # fail before the (slow) model load
+    model = load_model(args.model)
+    example = torch.randint(0, model.config.vocab_size, (1, args.seqlen))
+    out = Path(args.out)
+    if args.format == "onnx":
+        report = to_onnx(model, example, out, dtype=dtype)
+        report_path = out.with_suffix(".report.json")
+        payload = report.to_dict()
+    elif args.format == "tensorrt":
+        report = to_tensorrt(model, example, out, dtype=dtype)
+        report_path = out.with_suffix(".report.json")
+        payload = report.to_dict()
+    else:
+        report = save_compressed(model.to(dtype), out)
+        elig = eligibility(model, dtype=dtype)
+        print(elig.table())
+        report_path = out / "export_report.json"
+        payload = {**report.to_dict(), "eligibility": elig.to_dict()}
+    print(report)
+    atomic_write_text(report_path, json.dumps(payload, indent=2, default=str))
+    print(f"report: {report_path}")
     return 0

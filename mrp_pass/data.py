@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from export.wrap import main_output
+
 WIKITEXT_DIR = Path(__file__).parent / "wikitext2"
 
 
@@ -50,17 +52,6 @@ def evaluation_windows(tokenizer, seqlen: int = 512, max_windows: int | None = N
     if max_windows is not None:
         n = min(n, max_windows)
     return [ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0) for i in range(n)]
-
-
-def main_output(out) -> torch.Tensor:
-    """The logits of a model's output: HF ModelOutput, tuple/list (first item) or a plain tensor."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "logits"):
-        return out.logits
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(f"cannot find the logits in a model output of type {type(out).__name__}")
 
 
 @torch.no_grad()

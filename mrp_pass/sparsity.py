@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from export.pattern import is_nm_sparse  # noqa: F401  (re-exported: the check lives with the files it verifies)
+
 
 @dataclass(frozen=True)
 class Sparsity:
@@ -95,11 +97,3 @@ def parse_sparsity(spec: str | float | Sparsity) -> Sparsity:
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"invalid sparsity {spec!r}: a pruned fraction must be in (0, 1); {allowed}")
     return Sparsity(fraction=fraction)
-
-
-def is_nm_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
-    """True when every group of m consecutive entries along the last (input) axis has at most n non-zeros."""
-    if weight.shape[-1] % m:
-        return False
-    groups = weight.reshape(*weight.shape[:-1], weight.shape[-1] // m, m)
-    return bool(((groups != 0).sum(-1) <= n).all())

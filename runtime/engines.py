@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mrp_pass.data import main_output
+from export.wrap import main_output
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                  "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
@@ -192,9 +192,10 @@ def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = 
         if is_compressed_checkpoint(path):
             model = load_compressed(path).to(device)
             return TorchEngine(model, device, kind="compressed checkpoint")
-        from mrp_pass.models import load_model
+        from transformers import AutoModelForCausalLM
 
-        return TorchEngine(load_model(str(path), device=device), device, kind="HF model")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        return TorchEngine(model, device, kind="HF model")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return OnnxEngine(path, device=device, providers=providers)

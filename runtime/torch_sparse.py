@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from export.eligibility import MIN_CAPABILITY, capability_reason, current_capability, torch_sparse_reason
-from mrp_pass import is_nm_sparse
+from export.pattern import is_nm_sparse
 
 
 @dataclass
