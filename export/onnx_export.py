@@ -10,11 +10,12 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import onnx
 import torch
 from torch import nn
 
 from .atomic import atomic_files
-from .eligibility import EligibilityReport, eligibility, linear_weights
+from .eligibility import EligibilityReport, eligibility
 from .onnx_check import InitializerCheck, check_onnx_2_4, fingerprint
 from .pattern import is_nm_sparse
 from .wrap import as_tuple, cast_inputs, cast_model, is_hf_causal_lm, param_bytes, wrap
@@ -96,14 +97,24 @@ def _dynamic_shapes(inputs: tuple[torch.Tensor, ...], hf: bool) -> tuple[tuple, 
 
 
 def pruned_fingerprints(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str, list[str]], list[str]]:
-    """fingerprint -> layer names for every 2:4 nn.Linear weight (in the export dtype), and those names."""
+    """fingerprint -> names for every 2-D constant of `model` that is 2:4 along an axis (nn.Linear weights,
+    GPT-2's [in, out] Conv1D weights, a frozen graph's buffers), in the export dtype, and those names (a
+    parameter's path without ".weight")."""
     table: dict[str, list[str]] = {}
     names = []
-    for name, w in linear_weights(model):
+    seen: set[int] = set()
+    for path, w in [*model.named_parameters(), *model.named_buffers()]:
+        if id(w) in seen or w.dim() != 2 or not w.is_floating_point():
+            continue
+        seen.add(id(w))
         w = w.detach()
-        if w.dim() == 2 and is_nm_sparse(w, 2, 4):
-            names.append(name)
-            table.setdefault(fingerprint(w.to(dtype).float().cpu().numpy()), []).append(name)
+        layouts = [v for v in (w, w.T) if is_nm_sparse(v, 2, 4)]  # [out, in], or [in, out] (Conv1D)
+        if not layouts or not bool(w.any()):
+            continue
+        name = path.removesuffix(".weight")
+        names.append(name)
+        for v in layouts:
+            table.setdefault(fingerprint(v.to(dtype).float().cpu().numpy()), []).append(name)
     return table, names
 
 
@@ -124,11 +135,12 @@ def quiet_onnx_exporter():
 
 def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             dynamic: bool = True) -> ExportReport:
-    """Export `model` (any nn.Module; HF causal LMs as input_ids -> logits without KV cache) to ONNX.
+    """Export `model` to ONNX: HF causal LMs as input_ids -> logits without KV cache; any other nn.Module with
+    all its tensor outputs (or its main output when it returns something else, such as a ModelOutput).
 
-    Weights are initializers in the .onnx file, or in `<file>.data` past ~1.8 GiB. After writing, every 2:4
-    nn.Linear weight is located in the file and its 2:4 pattern checked along its reduction axis; a weight that
-    lost it raises RuntimeError (the file is not kept). The write is atomic."""
+    Weights are initializers in the .onnx file, or in `<file>.data` past ~1.8 GiB. After writing, the file passes
+    onnx.checker, and every 2-D constant of the model that is 2:4 is located in the file and its pattern checked
+    along its reduction axis; one that lost it raises RuntimeError (the file is not kept). The write is atomic."""
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"ONNX export supports float32 and float16, got {dtype}")
     start = time.perf_counter()
@@ -155,6 +167,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: to
 
     with atomic_files(path) as tmp:
         program.save(str(tmp / path.name), external_data=external)
+        onnx.checker.check_model(str(tmp / path.name))  # by path: works past 2 GiB and with external data
         checks = check_onnx_2_4(str(tmp / path.name), expected)
         lost = [c for c in checks if c.layer and not c.is_2_4]
         if lost:

@@ -54,15 +54,19 @@ class LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-class MainOutput(nn.Module):
-    """Any module, returning only its main output (first tensor / .logits), so engines have one output."""
+class TensorOutputs(nn.Module):
+    """Any module, returning tensors only: a tensor or a tuple/list of tensors as it is, anything else (a
+    ModelOutput, a tuple holding a cache) as its main output (first tensor / .logits)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return main_output(self.model(*inputs))
+    def forward(self, *inputs: torch.Tensor):
+        out = self.model(*inputs)
+        if isinstance(out, (tuple, list)) and out and all(isinstance(o, torch.Tensor) for o in out):
+            return tuple(out)
+        return main_output(out)
 
 
 def as_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -87,10 +91,10 @@ def cast_inputs(inputs: tuple[torch.Tensor, ...], dtype: torch.dtype) -> tuple[t
 
 
 def wrap(model: nn.Module) -> tuple[nn.Module, list[str], list[str]]:
-    """(module returning one tensor, input names, output names)."""
+    """(module returning tensors, input names, output names or None to let the exporter name them)."""
     if is_hf_causal_lm(model):
         return LogitsOnly(model).eval(), ["input_ids"], ["logits"]
-    return MainOutput(model).eval(), [], ["output"]
+    return TensorOutputs(model).eval(), [], None
 
 
 def param_bytes(model: nn.Module) -> int:

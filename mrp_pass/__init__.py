@@ -3,6 +3,7 @@
 Pipeline: calibrate (hessian) -> solve (solvers) -> rewrite the graph (graph, fx_pass) -> torch.compile
 backend (backend). `prune(model, calibration)` is the one verb over a model."""
 
+from .config import PruneConfig
 from .fx_pass import LayerReport, PruneReport, prune, prune_graph
 from .graph import LinearSite, find_linears
 from .hessian import Hessian, damped_inverse
@@ -10,6 +11,6 @@ from .solvers import METHODS, SolveResult, solve
 from .sparsity import Sparsity, is_nm_sparse, parse_sparsity
 
 __all__ = [
-    "METHODS", "Hessian", "LayerReport", "LinearSite", "PruneReport", "SolveResult", "Sparsity", "damped_inverse",
-    "find_linears", "is_nm_sparse", "parse_sparsity", "prune", "prune_graph", "solve",
+    "METHODS", "Hessian", "LayerReport", "LinearSite", "PruneConfig", "PruneReport", "SolveResult", "Sparsity",
+    "damped_inverse", "find_linears", "is_nm_sparse", "parse_sparsity", "prune", "prune_graph", "solve",
 ]

@@ -53,28 +53,28 @@ def save_pruned(model, tokenizer, report, out: str | os.PathLike, overwrite: boo
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    from .config import PruneConfig
     from .data import calibration_windows
-    from .fx_pass import _check_options, prune
+    from .fx_pass import prune
     from .models import load_model, load_tokenizer
 
     mask_rule = getattr(args, "mask_rule", None)
-    solver_kwargs = {} if mask_rule is None else {"mask_rule": mask_rule}
     # every option (and the device) checked before minutes of loading
-    _check_options(args.sparsity, args.method, args.blocksize, args.percdamp, "rollback", args.device, solver_kwargs)
+    config = PruneConfig(sparsity=args.sparsity, method=args.method, blocksize=args.blocksize, percdamp=args.percdamp,
+                         mask_rule=mask_rule, device=args.device or default_device(None),
+                         progress=not getattr(args, "no_progress", False))
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
         if value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
     _check_out(Path(args.out), getattr(args, "overwrite", False))
-    device = default_device(args.device)
     t0 = time.perf_counter()
     model = load_model(args.model)  # stays on the CPU: weights visit `device` while their layer is calibrated
     tokenizer = load_tokenizer(args.model)
     calib = calibration_windows(tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
     how = args.method + (f" (mask rule {mask_rule})" if mask_rule else "")
     print(f"pruning {args.model} to {args.sparsity} with {how} on {len(calib)} x {args.calib_seqlen} "
-          f"calibration tokens (device {device})", flush=True)
-    report = prune(model, calib, args.sparsity, args.method, blocksize=args.blocksize, percdamp=args.percdamp,
-                   device=device, progress=not getattr(args, "no_progress", False), **solver_kwargs)
+          f"calibration tokens (device {config.device})", flush=True)
+    report = prune(model, calib, config=config)
     print(report)
     out = save_pruned(model, tokenizer, report, args.out, overwrite=getattr(args, "overwrite", False))
     print(f"saved the pruned model and report.json to {out} ({time.perf_counter() - t0:.0f} s in all)")

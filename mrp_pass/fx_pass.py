@@ -11,18 +11,18 @@ place, and the walk goes on: every later node sees the pruned outputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import io
 import json
 import logging
 import math
 import os
-import re
 import tempfile
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +34,13 @@ from torch import nn
 from torch.fx._pytree import tree_flatten_spec
 from torch.fx.node import map_arg
 
+from .config import UNSET, PruneConfig, matches
 from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
 from .hessian import Hessian
-from .solvers import check_options, solve
+from .solvers import solve
 
 log = logging.getLogger(__name__)
 
-LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str | type] | None
-ON_ERROR = ("rollback", "keep_partial")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,45 +192,6 @@ def _to(value, device: torch.device | None):
 # Validation: every option and the calibration set are checked before any capture, forward or solve
 
 
-_SOLVER_ARGS = set(inspect.signature(solve).parameters) - {"weight", "hessian", "sparsity", "method", "blocksize",
-                                                           "percdamp"}
-
-
-def _check_options(sparsity, method: str, blocksize: int, percdamp: float, on_error: str, device,
-                   solver_kwargs: dict) -> tuple:
-    """(Sparsity, calibration device or None); ValueError / TypeError naming the bad value and the allowed ones."""
-    sp = check_options(sparsity, method, blocksize, percdamp, solver_kwargs.get("mask_rule"),
-                       solver_kwargs.get("refit"))
-    if on_error not in ON_ERROR:
-        raise ValueError(f"unknown on_error {on_error!r}; choose one of {', '.join(ON_ERROR)}")
-    unknown = sorted(set(solver_kwargs) - _SOLVER_ARGS)
-    if unknown:
-        raise TypeError(f"unknown solver options {unknown}; accepted: {', '.join(sorted(_SOLVER_ARGS))}")
-    # solve() accepts these silently otherwise (a bad width failed mid-pass)
-    rb = solver_kwargs.get("refit_blocksize")
-    if rb is not None and (isinstance(rb, bool) or not isinstance(rb, int) or rb <= 0
-                           or (sp.structured and rb % sp.m)):
-        raise ValueError("refit_blocksize must be None or a positive integer"
-                         + (f" multiple of M={sp.m}" if sp.structured else "") + f", got {rb!r}")
-    si = solver_kwargs.get("swap_iters")
-    if si is not None and (isinstance(si, bool) or not isinstance(si, int) or si < 0):
-        raise ValueError(f"swap_iters must be None or an integer >= 0, got {si!r}")
-    dtype = solver_kwargs.get("dtype", torch.float32)
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"solver dtype must be torch.float32 or torch.float64, got {dtype!r}")
-    if device is None:
-        return sp, None
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"invalid device {device!r}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here; pass device='cpu'")
-    if dev.type == "meta":
-        raise ValueError("device 'meta' holds no data: calibration needs a real device such as 'cpu' or 'cuda'")
-    return sp, dev
-
-
 _EMBEDDING_TARGETS = {torch.ops.aten.embedding.default: (0, 1), torch.nn.functional.embedding: (1, 0)}
 
 
@@ -305,17 +265,6 @@ def _note(error: BaseException, text: str) -> None:
 # Choosing the layers
 
 
-def _matches(layer_filter, name: str, module: nn.Module | None, shape: tuple) -> bool:
-    if callable(layer_filter):
-        return bool(layer_filter(name, module, shape))
-    if isinstance(layer_filter, (str, type)):
-        layer_filter = [layer_filter]
-    # A class selects layers whose module is an instance of it; a string is a regular expression searched
-    # in the name (a plain substring is one too).
-    return any(isinstance(module, p) if isinstance(p, type) else re.search(p, name) is not None
-               for p in layer_filter)
-
-
 def _plan(gm: fx.GraphModule, sites: list[LinearSite], m: int, layer_filter, vocab: set[int]
           ) -> dict[LinearSite, str | None]:
     """Skip reason (None = prune) of every site.
@@ -335,7 +284,7 @@ def _plan(gm: fx.GraphModule, sites: list[LinearSite], m: int, layer_filter, voc
     for s in sites:
         key = tensor_key(fetch_attr(gm, s.target))
         if layer_filter is not None:
-            reason = None if _matches(layer_filter, s.name, s.module, s.shape) else "excluded by layer_filter"
+            reason = None if matches(layer_filter, s.name, s.module, s.shape) else "excluded by layer_filter"
         elif s.out_features in vocab and feeds_output(s, by_node.__contains__):
             reason = f"output projection onto the vocabulary ({s.out_features} outputs)"
         else:
@@ -512,11 +461,10 @@ class _Walk:
 
 
 @torch.no_grad()
-def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, *, layer_filter, blocksize: int,
-              percdamp: float, device, progress: bool, vocab_size: int | None = None, model: nn.Module | None = None,
-              on_error: str = "rollback", **solver_kwargs) -> PruneReport:
+def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *, vocab_size: int | None = None,
+              model: nn.Module | None = None) -> PruneReport:
     t0 = time.perf_counter()
-    sp, _ = _check_options(sparsity, method, blocksize, percdamp, on_error, device, solver_kwargs)
+    sp, method, device = config.sparsity, config.method, config.device
     items = [_as_call(item) for item in calibration]
     if not items:
         raise ValueError("calibration is empty: give at least one sample")
@@ -532,7 +480,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
     sites = find_linears(gm)
     vocab = embedding_rows(gm) | ({vocab_size} if vocab_size else set())
     _name_sites(sites, gm, model)
-    plan = _plan(gm, sites, sp.m if sp.structured else 0, layer_filter, vocab)
+    plan = _plan(gm, sites, sp.m if sp.structured else 0, config.layer_filter, vocab)
     entries = {s: LayerReport(s.name, s.shape, method, skipped=plan[s], target=s.target, transposed=s.transposed)
                for s in sites}
     report = PruneReport([entries[s] for s in sites], str(sp), method, len(items))
@@ -552,8 +500,8 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
     done: set[tuple] = set()
     # What the pass wrote, to undo it: target -> (the stored tensor, a CPU copy of its old value). Kept only in
     # "rollback" mode (it costs a CPU copy of every pruned weight).
-    state = _PassState(backups={} if on_error == "rollback" else None)
-    bar = _progress_bar(len(todo), progress)
+    state = _PassState(backups={} if config.on_error == "rollback" else None)
+    bar = _progress_bar(len(todo), config.progress)
     try:
         for node in walk.nodes:
             if len(done) == len(groups) or node.op == "output":
@@ -561,8 +509,8 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
             site = site_of.get(node)
             if site is not None and (site.input, site.weight_left) not in done:
                 group = groups[site.input, site.weight_left]
-                _prune_group(gm, group, len(done), walk.input_values(site.input), sp, method, blocksize,
-                             percdamp, calib_device, entries, bar, solver_kwargs, state)
+                _prune_group(gm, group, len(done), walk.input_values(site.input), config, calib_device, entries,
+                             bar, state)
                 done.add((site.input, site.weight_left))
                 walk.refresh([n for s in group for n in s.weight_chain])
             try:
@@ -575,7 +523,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
             missing = [s.name for s in todo if (s.input, s.weight_left) not in done]
             raise RuntimeError(f"the walk ended before reaching layers {missing}")
     except Exception as e:
-        if on_error == "rollback":
+        if config.on_error == "rollback":
             _rollback(state, e)
             raise
         report.error = f"pruning stopped at {state.current or 'the calibration walk'}: {type(e).__name__}: {e}"
@@ -587,7 +535,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
                             "rest left dense; the model is partly pruned")
         log.error("%s; %s", report.error, report.notes[-1])
     except BaseException as e:  # KeyboardInterrupt and the like: never leave a half-pruned model behind silently
-        if on_error == "rollback":
+        if config.on_error == "rollback":
             _rollback(state, e)
         raise
     finally:
@@ -597,7 +545,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, sparsity, method: str, 
         count = len(state.rank_deficient)
         where = f"{names[0]}" + (" (and similar)" if count > 1 else "")
         msg = (f"H is rank-deficient for {count} layer group{'s' if count > 1 else ''}: only {tokens} calibration "
-               f"tokens for {width} inputs at {where}; the solve relies on damping (percdamp={percdamp}). "
+               f"tokens for {width} inputs at {where}; the solve relies on damping (percdamp={config.percdamp}). "
                "Use more or longer calibration samples")
         report.notes.append(msg)
         warnings.warn(f"mrp_pass: {msg}", UserWarning, stacklevel=3)
@@ -629,9 +577,8 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="pruning", unit="layer", disable=not enabled)
 
 
-def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: list, sp, method: str,
-                 blocksize: int, percdamp: float, device: torch.device, entries: dict, bar, solver_kwargs,
-                 state: _PassState) -> None:
+def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: list, config: PruneConfig,
+                 device: torch.device, entries: dict, bar, state: _PassState) -> None:
     """One Hessian over every sample of the group's shared input, then each layer solved and written back."""
     names = [s.name for s in group]
     state.current = names[0]
@@ -654,8 +601,8 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
         stored = fetch_attr(gm, s.target)
         weight = stored.detach().to(device)  # on the calibration device only while solving
         try:
-            result = solve(weight.T if s.transposed else weight, hessian.matrix, sp, method, blocksize, percdamp,
-                           **solver_kwargs)
+            result = solve(weight.T if s.transposed else weight, hessian.matrix, config.sparsity, config.method,
+                           config.blocksize, config.percdamp, **config.solver_kwargs)
         except (RuntimeError, ArithmeticError) as e:  # LinAlgError, FloatingPointError, ...: say which layer
             _note(e, f"mrp_pass: while solving layer {s.name} {s.shape}")
             raise
@@ -680,24 +627,21 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
 # Public API
 
 
-def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float = "2:4", method: str = "mrp", *,
-                layer_filter: LayerFilter = None, blocksize: int = 128, percdamp: float = 0.01,
-                device: str | torch.device | None = None, progress: bool = True, on_error: str = "rollback",
-                **solver_kwargs) -> PruneReport:
+def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float = UNSET, method: str = UNSET, *,
+                config: PruneConfig | None = None, **options) -> PruneReport:
     """Prune the linear layers of `gm` in place with sequential calibration; see the module docstring.
 
     calibration: items of a Tensor (one positional argument), a tuple/list (positional arguments) or a
     dict (keyword arguments) for `gm`. The tensors the linears' weights come from (get_attr targets)
-    are overwritten in place. layer_filter: None (default rule, see `_plan`), a callable
-    (name, module or None, [out, in] shape) -> bool, or a list of name substrings / regular expressions
-    and module classes (a layer is kept when any entry matches).
-    device: where calibration runs (default: the device of the calibration tensors); weights stay
-    where they are and visit it while their node runs. solver_kwargs go to mrp_pass.solve.
-    on_error: "rollback" (default: when the pass fails, every weight it wrote is restored bit for bit and the
-    error is raised) or "keep_partial" (the layers pruned so far stay pruned; the report's `error` says where
-    it stopped and the other layers are marked skipped)."""
-    return _run_pass(gm, calibration, sparsity, method, layer_filter=layer_filter, blocksize=blocksize,
-                     percdamp=percdamp, device=device, progress=progress, on_error=on_error, **solver_kwargs)
+    are overwritten in place. How to prune: `config` (a PruneConfig), with `sparsity`, `method` and any
+    PruneConfig field given as a keyword (layer_filter, blocksize, percdamp, device, progress, on_error,
+    mask_rule, refit_blocksize, swap_iters, refit, solver_dtype) replacing its value. device: where calibration
+    runs (default: the calibration tensors' device); weights stay where they are and visit it while their node
+    runs. on_error: "rollback" (default: when the pass fails, every weight it wrote is restored bit for bit and
+    the error is raised) or "keep_partial" (the layers pruned so far stay pruned; the report's `error` says
+    where it stopped and the other layers are marked skipped)."""
+    config = PruneConfig.build(config, sparsity=sparsity, method=method, **options)
+    return _run_pass(gm, calibration, config)
 
 
 @contextlib.contextmanager
@@ -748,19 +692,18 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.Gra
             ) from export_error
 
 
-def prune(model: nn.Module, calibration: Iterable, sparsity: str | float = "2:4", method: str = "mrp", *,
-          layer_filter: LayerFilter = None, blocksize: int = 128, percdamp: float = 0.01,
-          device: str | torch.device | None = None, progress: bool = True, on_error: str = "rollback",
-          **solver_kwargs) -> PruneReport:
+def prune(model: nn.Module, calibration: Iterable, sparsity: str | float = UNSET, method: str = UNSET, *,
+          config: PruneConfig | None = None, **options) -> PruneReport:
     """Prune `model`'s linear layers in place: capture its graph on the first calibration sample, run
     prune_graph on it, and make sure the model's own parameters hold the pruned weights.
 
-    The graph is specialised to the first sample's shapes, so every sample must have the same shapes.
-    Floating calibration tensors are cast to the model's dtype when all its floating weights share one.
-    Calibration runs in eval mode (every module's training flag is restored after) on `device` (default:
+    `sparsity` ("2:4" by default), `method` ("mrp") and keyword options are shorthand for a `PruneConfig`
+    (see prune_graph). The graph is specialised to the first sample's shapes, so every sample must have the
+    same shapes. Floating calibration tensors are cast to the model's dtype when all its floating weights share
+    one. Calibration runs in eval mode (every module's training flag is restored after) on `device` (default:
     the model's device); report names are the model's module paths (parameter path minus ".weight").
-    on_error: see prune_graph; with "rollback" a failed pass leaves the model bit-identical to before."""
-    _check_options(sparsity, method, blocksize, percdamp, on_error, device, solver_kwargs)  # before any work
+    With on_error="rollback" (the default) a failed pass leaves the model bit-identical to before."""
+    config = PruneConfig.build(config, sparsity=sparsity, method=method, **options)  # before any work
     if any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
         raise ValueError("the model has parameters on the meta device (weights not loaded): load real weights, "
                          "e.g. from_pretrained(...) without device_map='meta'")
@@ -786,11 +729,10 @@ def prune(model: nn.Module, calibration: Iterable, sparsity: str | float = "2:4"
             args, kwargs = _to(items[0], home)
             gm = capture(model, args, kwargs)
 
-            config = getattr(model, "config", None)
-            vocab_size = getattr(config, "vocab_size", None) if config is not None else None
-            report = _run_pass(gm, raw, sparsity, method, layer_filter=layer_filter, blocksize=blocksize,
-                               percdamp=percdamp, device=device if device is not None else home, progress=progress,
-                               vocab_size=vocab_size, model=model, on_error=on_error, **solver_kwargs)
+            vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
+            if config.device is None:
+                config = dataclasses.replace(config, device=home)
+            report = _run_pass(gm, raw, config, vocab_size=vocab_size, model=model)
             _write_back(model, gm, report)
     finally:
         for m, training in modes.items():

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
+from .config import PruneConfig
 from .data import calibration_windows, evaluation_windows, perplexity
 from .fx_pass import prune
 from .models import DEFAULT_MODEL, load_model, load_tokenizer
-from .solvers import check_options
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                  "bench_iters"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    check_options(args.sparsity, args.method, 128, 0.01, None)
+    args.config = PruneConfig(sparsity=args.sparsity, method=args.method)  # checked before minutes of loading
     return args
 
 
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"wrote {dense_report.path} ({time.perf_counter() - t:.0f}s)")
 
     t = step(f"prune to {args.sparsity} with {args.method}")
-    report = prune(model, calib, args.sparsity, args.method)
+    report = prune(model, calib, config=args.config)
     report.save_json(out / "prune_report.json")
     summary["prune_seconds"] = time.perf_counter() - t
     summary["layers_pruned"] = len(report.pruned)

@@ -92,7 +92,8 @@ class OnnxEngine(Engine):
         out_shape = self.session.get_outputs()[0].shape
         self.vocab_size = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Every output of the graph, for inputs given by position in the graph's input order."""
         if len(inputs) != len(self.inputs):
             raise ValueError(f"the ONNX graph takes {len(self.inputs)} inputs "
                              f"({', '.join(i.name for i in self.inputs)}), got {len(inputs)}")
@@ -101,7 +102,10 @@ class OnnxEngine(Engine):
             arr = t.detach().cpu().numpy()
             want = _ORT_TO_NUMPY.get(spec.type)
             feed[spec.name] = arr.astype(want, copy=False) if want is not None else arr
-        return torch.from_numpy(self.session.run(None, feed)[0])
+        return [torch.from_numpy(o) for o in self.session.run(None, feed)]
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run(*inputs)[0]
 
     def example_inputs(self, batch: int, seqlen: int) -> tuple[torch.Tensor, ...]:
         out = []

@@ -106,11 +106,11 @@ OPTION_CASES = [  # (keyword arguments, exception, message excerpt naming the va
 ]
 PASS_ONLY_CASES = [
     ({"on_error": "ignore"}, ValueError, r"unknown on_error 'ignore'; choose one of rollback, keep_partial"),
-    ({"bogus": 1}, TypeError, r"unknown solver options \['bogus'\]; accepted: dtype, mask_rule"),
+    ({"bogus": 1}, TypeError, r"unknown option \['bogus'\]; valid: sparsity, method, blocksize"),
     ({"refit": "lsq"}, ValueError, r"unknown refit 'lsq'; choose one of cg, exact"),
     ({"refit_blocksize": 6}, ValueError, r"refit_blocksize must be None or a positive integer multiple of M=4"),
     ({"swap_iters": -1}, ValueError, r"swap_iters must be None or an integer >= 0, got -1"),
-    ({"dtype": torch.float16}, ValueError, r"solver dtype must be torch.float32 or torch.float64"),
+    ({"solver_dtype": torch.float16}, ValueError, r"solver_dtype must be torch.float32 or torch.float64"),
     ({"device": "gpu"}, ValueError, r"invalid device 'gpu'"),
     ({"device": "meta"}, ValueError, r"device 'meta' holds no data"),
 ]

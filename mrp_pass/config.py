@@ -1,0 +1,131 @@
+"""One validated configuration for the pass: `PruneConfig` checks itself on creation, so every entry point
+(`prune`, `prune_graph`, the compile backend, the CLI, the pipeline) fails the same way before any work."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .solvers import check_options
+from .sparsity import Sparsity
+
+LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str | type] | None
+ON_ERROR = ("rollback", "keep_partial")
+
+
+class _Unset:
+    """The value of a shorthand argument the caller did not give (None is a value: an invalid sparsity)."""
+
+    def __repr__(self) -> str:
+        return "<config's value>"
+
+
+UNSET: Any = _Unset()
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """How to prune. `sparsity` is normalised to a `Sparsity`; every field is checked in `__post_init__`.
+
+    layer_filter: None (every linear but the output projection onto the vocabulary), a callable
+    (name, module or None, [out, in] shape) -> bool, or a list of name regular expressions and module classes.
+    device: where calibration runs (None: the calibration tensors' device). on_error: "rollback" restores
+    every written weight when the pass fails, "keep_partial" keeps what was pruned. The solver options
+    (mask_rule, refit_blocksize, swap_iters, refit, solver_dtype) go to `mrp_pass.solve`; None = its default."""
+
+    sparsity: Sparsity | str | float = "2:4"
+    method: str = "mrp"
+    blocksize: int = 128
+    percdamp: float = 0.01
+    layer_filter: LayerFilter = None
+    device: str | torch.device | None = None
+    progress: bool = True
+    on_error: str = "rollback"
+    mask_rule: str | None = None
+    refit_blocksize: int | None = None
+    swap_iters: int | None = None
+    refit: str | None = None
+    solver_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self) -> None:
+        sp = check_options(self.sparsity, self.method, self.blocksize, self.percdamp, self.mask_rule, self.refit)
+        object.__setattr__(self, "sparsity", sp)
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"unknown on_error {self.on_error!r}; choose one of {', '.join(ON_ERROR)}")
+        rb = self.refit_blocksize
+        if rb is not None and (isinstance(rb, bool) or not isinstance(rb, int) or rb <= 0
+                               or (sp.structured and rb % sp.m)):
+            raise ValueError("refit_blocksize must be None or a positive integer"
+                             + (f" multiple of M={sp.m}" if sp.structured else "") + f", got {rb!r}")
+        si = self.swap_iters
+        if si is not None and (isinstance(si, bool) or not isinstance(si, int) or si < 0):
+            raise ValueError(f"swap_iters must be None or an integer >= 0, got {si!r}")
+        if self.solver_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"solver_dtype must be torch.float32 or torch.float64, got {self.solver_dtype!r}")
+        lf = self.layer_filter
+        if lf is not None and not (callable(lf) or isinstance(lf, (str, type, list, tuple))):
+            raise ValueError("layer_filter must be a callable (name, module, shape) -> bool or a list of name "
+                             f"patterns and module classes, got {type(lf).__name__}")
+        if self.device is not None:
+            object.__setattr__(self, "device", _check_device(self.device))
+
+    @classmethod
+    def build(cls, config: PruneConfig | None = None, **options: Any) -> PruneConfig:
+        """`config` (or the defaults) with `options` replacing its fields; an unknown name is a TypeError that
+        lists the valid ones. UNSET values keep the config's."""
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {unknown}; valid: {', '.join(valid)}")
+        options = {k: v for k, v in options.items() if v is not UNSET}
+        return dataclasses.replace(config, **options) if config is not None else cls(**options)
+
+    @property
+    def solver_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `mrp_pass.solve` beyond (sparsity, method, blocksize, percdamp)."""
+        kw = {k: getattr(self, k) for k in ("mask_rule", "refit_blocksize", "swap_iters", "refit")}
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if self.solver_dtype != torch.float32:
+            kw["dtype"] = self.solver_dtype
+        return kw
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly values, for reports."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if callable(value) and not isinstance(value, type):
+                value = getattr(value, "__name__", repr(value))
+            elif isinstance(value, (Sparsity, torch.dtype, torch.device, type)):
+                value = str(value)
+            out[f.name] = value
+        return out
+
+
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {device!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here; pass device='cpu'")
+    if dev.type == "meta":
+        raise ValueError("device 'meta' holds no data: calibration needs a real device such as 'cpu' or 'cuda'")
+    return dev
+
+
+def matches(layer_filter: LayerFilter, name: str, module: nn.Module | None, shape: tuple) -> bool:
+    """Whether a layer passes `layer_filter`: a callable decides; a class selects layers whose module is an
+    instance of it; a string is a regular expression searched in the name (a plain substring is one too)."""
+    if callable(layer_filter) and not isinstance(layer_filter, type):
+        return bool(layer_filter(name, module, shape))
+    if isinstance(layer_filter, (str, type)):
+        layer_filter = [layer_filter]
+    return any(isinstance(module, p) if isinstance(p, type) else re.search(p, name) is not None
+               for p in layer_filter)
