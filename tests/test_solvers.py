@@ -80,7 +80,7 @@ def test_swap_refinement_never_increases_the_loss_and_keeps_the_pattern(spec):
 
 def test_refine_swaps_exact_delta_single_group():
     """On one group, the swap refinement reaches the best of all masks (the deltas are exact)."""
-    from mrp_pass.solvers import refine_swaps, row_losses
+    from mrp_pass.swaps import refine_swaps, row_losses
 
     g = torch.Generator().manual_seed(5)
     a = torch.randn(8, 8, generator=g, dtype=torch.float64)
