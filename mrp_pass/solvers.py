@@ -7,14 +7,17 @@ row w, with every other (still free) weight of the row updated, costs
     loss = 1/2 w_P [(H^-1)_PP]^-1 w_P^T,    dw = -w_P [(H^-1)_PP]^-1 (H^-1)_{P,:}      (Solution M)
 
 and Solution S keeps only the diagonal of (H^-1)_PP (a sum of independent OBS updates). SparseGPT
-removes one column at a time and freezes it. Every solver sweeps the columns in blocks; columns left
+removes one column at a time and freezes it. The sweeps go over the columns in blocks; columns left
 of the block are frozen, so the inverse Hessian of the free columns R is (H_RR)^-1 = U_RR^T U_RR with
 U the upper Cholesky factor of H^-1: blocks never refactorise H (the SparseGPT trick).
 
-`mrp` removes each row's whole pruned set at once (P = every pruned weight of the row): Solution M on the
-whole row, i.e. the least-squares refit of the kept weights, solved by batched conjugate gradients with
-one GEMM per iteration shared by all rows (`refit_cg`) or by per-row Cholesky (`refit="exact"`).
-The paper gives no mask rule; the rules here (sweeps, ADMM, swaps) are compared in benchmarks/.
+    sparsegpt       `sparsegpt`            one column removed and frozen at a time (as published)
+    mrp-s, mrp-m    `solve_mrp_blocks`     per block, each row's pruned set removed at once: Solution S or M
+    mrp             `solve_mrp_whole_row`  a mask rule picks the mask, then Solution M with P = every pruned
+                                           weight of the row: the exact least-squares refit of the kept weights
+
+The paper gives no mask rule; the rules here (sweeps, ADMM, and the swaps of swaps.py) are compared in
+benchmarks/layer_solvers.py.
 """
 
 from __future__ import annotations
@@ -31,6 +34,12 @@ from .sparsity import Sparsity, parse_sparsity
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "mrp-s", "mrp-m", "mrp")
 MASK_RULES = ("obs", "sparsegpt", "group", "admm")
+REFITS = ("cg", "exact")
+# The default `mrp`, chosen by benchmarks/layer_solvers.py on real SmolLM2 layers (numbers in the README):
+# ADMM over the whole row picks the mask, then Solution M over the whole row (the exact least-squares refit,
+# by conjugate gradients) updates every kept weight: 0.69x SparseGPT's error at 2.5-2.9x its time.
+# SparseGPT's sweep mask with the same refit: 0.74x at 2.0-2.2x; the group-exact mask and swap passes cost 3.5-18x.
+MRP_DEFAULT = {"mask_rule": "admm", "swap_iters": 0, "refit": "cg"}
 # Relative residual |A z - w|_inf / (|A|_max |z|_inf + |w|_inf) above which a float32 k x k solve of Solution M
 # is redone in float64 (float32's unit roundoff is 6e-8; a well-conditioned solve lands near 1e-6).
 RESIDUAL_TOL = 1e-4
@@ -53,7 +62,7 @@ def layer_loss(dw: torch.Tensor, hessian: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------------------------
 # Masks chosen inside a block from the current (already updated) weights W1 and the block's
-# inverse Hessian of the free columns, A = U1^T U1 (U1 = U[B, B]).
+# inverse Hessian of the free columns, A = U1^T U1 (U1 = U[B, B]); ADMM chooses the whole row's.
 
 
 def mask_obs(w1: torch.Tensor, u1: torch.Tensor, sp: Sparsity) -> torch.Tensor:
@@ -134,7 +143,7 @@ def mask_admm(w: torch.Tensor, h: torch.Tensor, sp: Sparsity, start: torch.Tenso
 
 
 # ----------------------------------------------------------------------------------------------
-# Updates.
+# Updates: Solution M / S on one block, and the whole-row refit by conjugate gradients.
 
 
 def solve_mrp_block(w1: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, exact: bool = True,
@@ -179,127 +188,12 @@ def solve_mrp_block(w1: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, exact
     return z
 
 
-def sparsegpt(w: torch.Tensor, u: torch.Tensor, sp: Sparsity, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SparseGPT (Frantar & Alistarh 2023), as published: one column removed and frozen at a time,
-    N:M groups chosen when the sweep reaches them, lazy updates across blocks."""
-    keep = torch.ones_like(w, dtype=torch.bool)
-    for i1 in range(0, w.shape[1], blocksize):
-        i2 = min(i1 + blocksize, w.shape[1])
-        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
-        err1 = torch.zeros_like(w1)
-        keep1 = keep[:, i1:i2]
-        if not sp.structured:
-            keep1[:] = sp.mask(w1**2 / u1.diagonal() ** 2)
-        for i in range(i2 - i1):
-            if sp.structured and i % sp.m == 0:
-                g = slice(i, i + sp.m)
-                keep1[:, g] = sp.mask(w1[:, g] ** 2 / u1.diagonal()[g] ** 2)
-            q = torch.where(keep1[:, i], w1[:, i], 0.0)
-            err1[:, i] = (w1[:, i] - q) / u1[i, i]
-            w1[:, i:] -= err1[:, i : i + 1] * u1[i, i:][None, :]
-            w1[:, i] = q
-        w[:, i1:i2] = w1
-        w[:, i2:] -= err1 @ u[i1:i2, i2:]
-    return w, keep
-
-
-def mrp(w: torch.Tensor, u: torch.Tensor, sp: Sparsity, blocksize: int, mask_rule: str | torch.Tensor,
-        exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multiple removal per block: each row's pruned set P in the block is removed at once and every
-    free weight of the row (this block and all blocks to its right) is updated."""
-    keep = torch.ones_like(w, dtype=torch.bool)
-    for i1 in range(0, w.shape[1], blocksize):
-        i2 = min(i1 + blocksize, w.shape[1])
-        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
-        if isinstance(mask_rule, torch.Tensor):
-            keep1 = mask_rule[:, i1:i2]
-        else:
-            keep1 = _MASKS[mask_rule](w1, u1, sp)
-        a = u1.T @ u1  # (H_RR)^-1 on the block
-        z = solve_mrp_block(w1, a, keep1, exact)
-        w[:, i1:i2] = torch.where(keep1, w1 - z @ a, 0.0)
-        w[:, i2:] -= (z @ u1.T) @ u[i1:i2, i2:]
-        keep[:, i1:i2] = keep1
-    return w, keep
-
-
-def row_losses(w: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Exact per-row loss 1/2 w_P [A_PP]^-1 w_P^T of removing each row's pruned set (A = H^-1, whole row)."""
-    z = solve_mrp_block(w, a, keep)
-    return 0.5 * (z * w).sum(1)
-
-
-def _swap(keep: torch.Tensor, selected: torch.Tensor, p_col: torch.Tensor, q_col: torch.Tensor) -> torch.Tensor:
-    """Copy of `keep` with the (row, group) swaps in `selected` applied: p_col kept, q_col pruned."""
-    new = keep.clone()
-    r, g = selected.nonzero(as_tuple=True)
-    new[r, p_col[r, g]] = True
-    new[r, q_col[r, g]] = False
-    return new
-
-
-def refine_swaps(w: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, sp: Sparsity, iters: int) -> torch.Tensor:
-    """Swap refinement of an N:M mask under the exact whole-row loss, which never increases.
-
-    For a row with pruned set P (B = [A_PP]^-1, z = B w_P, refit weights w*), swapping a pruned p with a
-    kept q of the same group changes the loss by exactly
-        - z_p^2 / (2 B_pp) + (w*_q + t z_p / B_pp)^2 / (2 (G_qq + t^2 / B_pp)),   t = (B A_{P,q})_p,
-    (un-prune p, then prune q; G_qq = A_qq - A_qP B A_Pq is q's inverse Hessian given the kept set).
-    Each pass takes the best swap of every group that improves; rows whose exact loss did not drop
-    (the swaps interact) take only their single best swap."""
-    if not sp.structured or iters <= 0:
-        return keep
-    rows, cols = w.shape
-    groups = cols // sp.m
-    npr, nkp = sp.pruned_per_group, sp.n
-    # Pruned / kept column indices per row, in column order: group g owns slots [g*npr, (g+1)*npr).
-    pp = torch.arange(groups * npr, device=w.device).reshape(groups, npr)
-    qq = torch.arange(groups * nkp, device=w.device).reshape(groups, nkp)
-    loss = row_losses(w, a, keep)
-    for _ in range(iters):
-        p_idx = (~keep).nonzero()[:, 1].reshape(rows, -1)
-        q_idx = keep.nonzero()[:, 1].reshape(rows, -1)
-        delta = torch.empty(rows, groups, npr, nkp, dtype=w.dtype, device=w.device)
-        for r0 in range(0, rows, chunk := max(1, int(2**26 // max(p_idx.shape[1] ** 2, 1)))):
-            P, K, wr = p_idx[r0 : r0 + chunk], q_idx[r0 : r0 + chunk], w[r0 : r0 + chunk]
-            b = torch.cholesky_inverse(torch.linalg.cholesky(a[P[:, :, None], P[:, None, :]]))
-            a_pk = a[P[:, :, None], K[:, None, :]]
-            z = (b @ torch.gather(wr, 1, P)[:, :, None])[:, :, 0]
-            d = b @ a_pk
-            w_star = torch.gather(wr, 1, K) - (z[:, None, :] @ a_pk)[:, 0, :]
-            g_qq = a.diagonal()[K] - (a_pk * d).sum(1)
-            b_pp = b.diagonal(dim1=1, dim2=2)
-            t = d[:, pp[:, :, None], qq[:, None, :]]  # [r, groups, npr, nkp]
-            zp, bp = z[:, pp, None], b_pp[:, pp, None]
-            wq, gq = w_star[:, qq][:, :, None, :], g_qq[:, qq][:, :, None, :]
-            delta[r0 : r0 + chunk] = -(zp**2) / (2 * bp) + (wq + t * zp / bp) ** 2 / (2 * (gq + t**2 / bp))
-        best = delta.reshape(rows, groups, -1).min(-1)
-        p_col = p_idx.reshape(rows, groups, npr).gather(2, (best.indices // nkp)[..., None])[..., 0]
-        q_col = q_idx.reshape(rows, groups, nkp).gather(2, (best.indices % nkp)[..., None])[..., 0]
-        improving = best.values < 0
-        if not improving.any():
-            break
-
-        new = _swap(keep, improving, p_col, q_col)
-        new_loss = row_losses(w, a, new)
-        worse = (new_loss >= loss) & improving.any(1)
-        if worse.any():  # fall back to the single best swap of those rows: its change is exact, so < 0
-            single = torch.zeros_like(improving)
-            single[worse, best.values[worse].argmin(1)] = True
-            new[worse] = _swap(keep, single & improving, p_col, q_col)[worse]
-            new_loss[worse] = row_losses(w[worse], a, new[worse])
-        worse = new_loss > loss  # rounding only: never accept an increase
-        new[worse], new_loss[worse] = keep[worse], loss[worse]
-        keep, loss = new, new_loss
-    return keep
-
-
 def refit_cg(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, x0: torch.Tensor, max_iters: int = 30,
              tol: float = 3e-3) -> torch.Tensor:
     """The exact whole-row refit (Solution M with P = all pruned weights of the row) by preconditioned
     conjugate gradients: min (x - w) H (x - w)^T over x supported on `keep`, all rows at once.
 
-    Equal to the batched k x k solves of `mrp(..., blocksize=cols)` at convergence, but each iteration is
+    Equal to the batched k x k solves of `solve_mrp_blocks(..., blocksize=cols)` at convergence, but each iteration is
     one [rows, cols] x [cols, cols] GEMM shared by all rows instead of rows * k^3 / 3 flops of Cholesky;
     warm-started from a sweep's compensated weights it converges in 10-30 iterations (Jacobi
     preconditioner). Stops when every row's preconditioned residual fell by `tol`."""
@@ -325,29 +219,97 @@ def refit_cg(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, x0: torch.Ten
     return x * m
 
 
-def swap_pass(w: torch.Tensor, h: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, sp: Sparsity,
-              blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass of mask refinement around the refit weights x (mask `keep`) of the problem
-    min (x - w) H (x - w)^T. With the other blocks fixed, a block's problem is the same one with target
-    c = x_B - g_B (H_BB)^-1 (g the gradient) and inverse Hessian (H_BB)^-1, so `refine_swaps` runs on each
-    block at k x k cost with k = blocksize/2; the new mask is then refit on the whole row and a row keeps it
-    only if its loss fell, so the loss never increases."""
-    cols = w.shape[1]
-    g = (x - w) @ h
-    new = keep.clone()
-    for i1 in range(0, cols, blocksize):
-        b = slice(i1, min(i1 + blocksize, cols))
-        a = torch.cholesky_inverse(torch.linalg.cholesky(h[b, b]))
-        new[:, b] = refine_swaps(x[:, b] - g[:, b] @ a, a, keep[:, b], sp, iters=1)
-    cand = refit_cg(w, h, new, x * new)
-    better = _row_loss(cand, w, h) < _row_loss(x, w, h)
-    return torch.where(better[:, None], cand, x), torch.where(better[:, None], new, keep)
+# ----------------------------------------------------------------------------------------------
+# Methods: each returns (weight, keep) for the scaled weight, dead inputs already zeroed.
 
 
-def _row_loss(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per-row 1/2 (x - w) H (x - w)^T of candidate weights x (compare with row_losses: the same from P)."""
-    dw = x - w
-    return 0.5 * ((dw @ h) * dw).sum(1)
+def sparsegpt(w: torch.Tensor, u: torch.Tensor, sp: Sparsity, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh 2023), as published: one column removed and frozen at a time,
+    N:M groups chosen when the sweep reaches them, lazy updates across blocks. Column i's error
+    err = (w_i - q_i) / U_ii (q_i = w_i kept, 0 pruned) updates the columns after it by -err U_{i,i:},
+    the OBS update with the free columns' inverse Hessian; columns right of the block get the block's
+    errors in one GEMM."""
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for i1 in range(0, w.shape[1], blocksize):
+        i2 = min(i1 + blocksize, w.shape[1])
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2]
+        err1 = torch.zeros_like(w1)
+        keep1 = keep[:, i1:i2]
+        if not sp.structured:
+            keep1[:] = sp.mask(w1**2 / u1.diagonal() ** 2)
+        for i in range(i2 - i1):
+            if sp.structured and i % sp.m == 0:
+                g = slice(i, i + sp.m)
+                keep1[:, g] = sp.mask(w1[:, g] ** 2 / u1.diagonal()[g] ** 2)
+            q = torch.where(keep1[:, i], w1[:, i], 0.0)
+            err1[:, i] = (w1[:, i] - q) / u1[i, i]
+            w1[:, i:] -= err1[:, i : i + 1] * u1[i, i:][None, :]
+            w1[:, i] = q
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ u[i1:i2, i2:]
+    return w, keep
+
+
+def solve_mrp_blocks(w: torch.Tensor, u: torch.Tensor, sp: Sparsity, blocksize: int, mask_rule: str | torch.Tensor,
+                     exact: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MRP-M (`exact`) and MRP-S, block by block: in block B each row's pruned set P (chosen by the mask rule
+    `mask_rule`, or read from a keep-mask tensor fixed beforehand) is removed at once and every free weight of
+    the row (this block and all blocks to its right) is updated:
+
+        z = w_P [A_PP]^-1  (Solution M)  or  w_P / diag(A_PP)  (Solution S),    dw_R = -z A_{P,R}
+
+    with A = (H_RR)^-1 = U_RR^T U_RR, R the block and the columns right of it. U is upper triangular, so
+    A_BB = U_BB^T U_BB and A_{B,right} = U_BB^T U_{B,right}: the block's own update and the lazy one of the
+    columns to its right. Columns left of the block are frozen."""
+    keep = torch.ones_like(w, dtype=torch.bool)
+    for i1 in range(0, w.shape[1], blocksize):
+        i2 = min(i1 + blocksize, w.shape[1])
+        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]
+        if isinstance(mask_rule, torch.Tensor):
+            keep1 = mask_rule[:, i1:i2]
+        else:
+            keep1 = _MASKS[mask_rule](w1, u1, sp)
+        a = u1.T @ u1  # (H_RR)^-1 on the block
+        z = solve_mrp_block(w1, a, keep1, exact)
+        w[:, i1:i2] = torch.where(keep1, w1 - z @ a, 0.0)
+        w[:, i2:] -= (z @ u1.T) @ u[i1:i2, i2:]
+        keep[:, i1:i2] = keep1
+    return w, keep
+
+
+def solve_mrp_whole_row(w: torch.Tensor, h: torch.Tensor, h_damped: torch.Tensor, u: torch.Tensor, sp: Sparsity,
+                        mask_rule: str = "admm", blocksize: int = 128, refit: str = "cg",
+                        refit_blocksize: int | None = None, swap_iters: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """MRP (the default `mrp`): the mask rule chooses the whole mask, then Solution M with P = every pruned
+    weight of the row updates every kept weight. With no column frozen that is the least-squares refit
+
+        x = argmin_{x_P = 0} 1/2 (x - w) H (x - w)^T,    x_K = w_K + w_P H_PK (H_KK)^-1,
+
+    solved for all rows at once by conjugate gradients (`refit="cg"`, `refit_cg`) or by per-row Cholesky of
+    [(H^-1)_PP] (`refit="exact"`: `solve_mrp_blocks` with one block as wide as the row). `refit_blocksize`
+    refits in blocks of that width instead (earlier blocks frozen: not the least-squares refit).
+    h is the undamped H (its diagonal: Wanda's score and the dead inputs), h_damped the damped one the refit
+    uses and u the upper Cholesky factor of its inverse (the sweeps). `swap_iters` passes of
+    `swaps.swap_pass` (N:M only) then refine the mask. Returns (weight, keep)."""
+    if mask_rule == "admm":  # ADMM from Wanda's mask; its D is close to the refit, so CG needs few steps
+        wanda = torch.where(sp.mask(w.abs() * h.diagonal().clamp_min(0).sqrt()), w, 0.0)
+        w_start, keep = mask_admm(w, h_damped, sp, start=wanda)
+        cg_iters = 10
+    elif mask_rule == "sparsegpt":  # SparseGPT's own sweep gives the mask and the warm start
+        (w_start, keep), cg_iters = sparsegpt(w.clone(), u, sp, blocksize), 30
+    else:  # the MRP-M sweep with this rule
+        (w_start, keep), cg_iters = solve_mrp_blocks(w.clone(), u, sp, blocksize, mask_rule, exact=True), 30
+    if refit == "cg" and refit_blocksize is None:
+        x = refit_cg(w, h_damped, keep, w_start, max_iters=cg_iters)
+        x[:, h.diagonal() == 0] = 0  # CG leaves ~1e-9 on dead inputs, whose exact optimum is 0
+    else:
+        x, keep = solve_mrp_blocks(w.clone(), u, sp, refit_blocksize or w.shape[1], keep, exact=True)
+    if sp.structured and swap_iters > 0:
+        from .swaps import swap_pass  # swaps.py builds on this module's solvers: import it when used
+
+        for _ in range(swap_iters):
+            x, keep = swap_pass(w, h_damped, x, keep, sp, blocksize)
+    return x, keep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,14 +334,6 @@ def check_options(sparsity, method: str, blocksize: int, percdamp: float, mask_r
     if not (isinstance(percdamp, (int, float)) and 0 <= percdamp < 10):
         raise ValueError(f"percdamp must be a number in [0, 10), got {percdamp!r}")
     return sp
-
-
-# The default `mrp`, chosen by benchmarks/layer_solvers.py on real SmolLM2 layers (numbers in the README):
-# ADMM over the whole row picks the mask, then Solution M over the whole row (the exact least-squares refit,
-# by conjugate gradients) updates every kept weight: 0.69x SparseGPT's error at 2.5-2.9x its time.
-# SparseGPT's sweep mask with the same refit: 0.74x at 2.0-2.2x; the group-exact mask and swap passes cost 3.5-18x.
-MRP_DEFAULT = {"mask_rule": "admm", "swap_iters": 0, "refit": "cg"}
-REFITS = ("cg", "exact")
 
 
 @torch.no_grad()
@@ -427,32 +381,19 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
     else:
         h_damped, h_inv = damped_hessian(h, percdamp)
         u = torch.linalg.cholesky(h_inv, upper=True)
-        rule = mask_rule or ("obs" if method in ("mrp-s", "mrp-m") else MRP_DEFAULT["mask_rule"])
         if method == "sparsegpt":
             w, keep = sparsegpt(w, u, sp, blocksize)
         elif method in ("mrp-s", "mrp-m"):
-            magnitude = torch.where(sp.mask(w.abs()), w, 0.0)
-            block_rule = mask_admm(w, h_damped, sp, start=magnitude)[1] if rule == "admm" else rule
-            w, keep = mrp(w, u, sp, blocksize, block_rule, exact=method == "mrp-m")
-        else:  # mrp: a mask rule chooses the mask, then Solution M on the whole row refits every kept weight
-            if rule == "admm":  # ADMM from Wanda's mask; its D is close to the refit, so CG needs few steps
-                wanda = torch.where(sp.mask(w.abs() * h.diagonal().clamp_min(0).sqrt()), w, 0.0)
-                d, keep = mask_admm(w, h_damped, sp, start=wanda)
-                w_start, cg_iters = d, 10
-            elif rule == "sparsegpt":  # SparseGPT's own sweep gives the mask and the warm start
-                (w_start, keep), cg_iters = sparsegpt(w.clone(), u, sp, blocksize), 30
-            else:
-                (w_start, keep), cg_iters = mrp(w.clone(), u, sp, blocksize, rule, exact=True), 30
-            if (refit or MRP_DEFAULT["refit"]) == "cg" and refit_blocksize is None:
-                w_fit = refit_cg(w, h_damped, keep, w_start, max_iters=cg_iters)
-                w_fit[:, h.diagonal() == 0] = 0  # CG leaves ~1e-9 on dead inputs, whose exact optimum is 0
-            else:
-                w_fit, keep = mrp(w.clone(), u, sp, refit_blocksize or cols, keep, exact=True)
-            for _ in range(MRP_DEFAULT["swap_iters"] if swap_iters is None else swap_iters):
-                if not sp.structured:
-                    break
-                w_fit, keep = swap_pass(w, h_damped, w_fit, keep, sp, blocksize)
-            w = w_fit
+            rule = mask_rule or "obs"
+            if rule == "admm":  # the whole-row ADMM mask (from magnitude's), fixed before the sweep
+                rule = mask_admm(w, h_damped, sp, start=torch.where(sp.mask(w.abs()), w, 0.0))[1]
+            w, keep = solve_mrp_blocks(w, u, sp, blocksize, rule, exact=method == "mrp-m")
+        else:
+            w, keep = solve_mrp_whole_row(
+                w, h, h_damped, u, sp, mask_rule or MRP_DEFAULT["mask_rule"], blocksize,
+                refit or MRP_DEFAULT["refit"], refit_blocksize,
+                MRP_DEFAULT["swap_iters"] if swap_iters is None else swap_iters,
+            )
 
     dw = w - w0
     # losses in float64 from the scaled weights: (1/unit)^2 may exceed float32's range, never float64's

@@ -80,7 +80,7 @@ def test_swap_refinement_never_increases_the_loss_and_keeps_the_pattern(spec):
 
 def test_refine_swaps_exact_delta_single_group():
     """On one group, the swap refinement reaches the best of all masks (the deltas are exact)."""
-    from mrp_pass.solvers import refine_swaps, row_losses
+    from mrp_pass.swaps import refine_swaps, row_losses
 
     g = torch.Generator().manual_seed(5)
     a = torch.randn(8, 8, generator=g, dtype=torch.float64)
@@ -162,19 +162,24 @@ def test_deterministic():
 @pytest.mark.parametrize("spec,n,m", [("1:4", 1, 4), ("4:8", 4, 8), ("2:8", 2, 8)])
 def test_other_nm_patterns(spec, n, m):
     w, _, h = correlated_layer()
-    for method in ("sparsegpt", "mrp"):
+    magnitude = solve(w, h, spec, method="magnitude")
+    for method in ("sparsegpt", "mrp-m", "mrp"):
         r = solve(w, h, spec, method=method)
         assert is_nm_sparse(r.weight, n, m)
         assert ((r.weight.reshape(w.shape[0], -1, m) != 0).sum(-1) == n).all()
+        assert r.loss < magnitude.loss, method  # same pattern, compensated: strictly better than no update
 
 
 @pytest.mark.parametrize("spec", [0.5, "50%", 0.3])
 def test_unstructured_prunes_the_fraction_of_every_row(spec):
     w, _, h = correlated_layer()
     frac = 0.3 if spec == 0.3 else 0.5
+    magnitude = solve(w, h, spec, method="magnitude")
     for method in METHODS:
         r = solve(w, h, spec, method=method)
         assert ((r.weight == 0).sum(1) == round(w.shape[1] * frac)).all(), method
+        if method in ("sparsegpt", "mrp-m", "mrp"):
+            assert r.loss < magnitude.loss, method
 
 
 def test_dead_inputs_are_pruned_first_and_cost_nothing():
