@@ -8,6 +8,7 @@ import torch
 from export import save_compressed, to_onnx
 from mrp_pass import Sparsity, cli
 from runtime import OnnxEngine, TorchEngine, choose_providers, load
+from runtime.engines import provider_notes
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,14 @@ def test_provider_choice():
     first, second, third = choose_providers(avail, "cuda", fp16=True)
     assert first == ("TensorrtExecutionProvider", {"trt_sparsity_enable": True, "trt_fp16_enable": True})
     assert (second, third) == ("CUDAExecutionProvider", "CPUExecutionProvider")
-    assert choose_providers(avail, "cuda", fp16=False)[0][1]["trt_fp16_enable"] is False
+    # fp32 graph: fp16 is still enabled while sparsity is on (fp32 = TF32 = 1:2 sparse kernels: sparsity no-op)
+    fp32 = choose_providers(avail, "cuda", fp16=False)
+    assert fp32[0][1] == {"trt_sparsity_enable": True, "trt_fp16_enable": True}
+    assert "1:2" in provider_notes(fp32, fp16_graph=False)[0]
+    assert provider_notes(choose_providers(avail, "cuda", fp16=True), fp16_graph=True) == []
+    dense = choose_providers(avail, "cuda", fp16=False, sparsity=False)
+    assert dense[0][1] == {"trt_sparsity_enable": False, "trt_fp16_enable": False}
+    assert provider_notes(dense, fp16_graph=False) == []
     assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", False)[0] == \
         "CUDAExecutionProvider"
     assert choose_providers(avail, "cpu", fp16=True) == ["CPUExecutionProvider"]
