@@ -85,6 +85,31 @@ def provider_notes(providers: list, fp16_graph: bool) -> list[str]:
     return notes
 
 
+def import_onnxruntime():
+    """The onnxruntime module, with an install hint when missing and a warning when both the CPU and the GPU
+    distributions are installed (they overwrite each other's files)."""
+    import importlib.metadata as md
+    import warnings
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError('ONNX Runtime is not installed: pip install "mrp-trt[cpu]" (CPU) or "mrp-trt[gpu]" '
+                          "(onnxruntime-gpu, CUDA / TensorRT providers); install one, not both") from None
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            md.version(dist)
+            installed.add(dist)
+        except md.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        warnings.warn("both onnxruntime and onnxruntime-gpu are installed; they share the `onnxruntime` package and "
+                      "overwrite each other. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                      'pip install "mrp-trt[gpu]"', stacklevel=2)
+    return ort
+
+
 class OnnxEngine(Engine):
     """An onnxruntime session; inputs go in by position in the graph's input order."""
 
@@ -93,8 +118,7 @@ class OnnxEngine(Engine):
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", providers: list | None = None,
                  threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

@@ -94,3 +94,44 @@ def test_bench_cli_writes_json_and_plot(mlp_onnx, tmp_path, capsys):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [r["batch"] for r in data["rows"]] == [1, 2] and all(r["speedup"] > 0 for r in data["rows"])
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_onnxruntime_comes_from_exactly_one_extra():
+    """The CPU and GPU onnxruntime distributions own the same import package: never both in one install."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    extras = meta["optional-dependencies"]
+    assert not names(meta["dependencies"]) & {"onnxruntime", "onnxruntime-gpu"}
+    assert names(extras["cpu"]) == {"onnxruntime"} and names(extras["gpu"]) == {"onnxruntime-gpu"}
+    for extra, reqs in extras.items():
+        assert {"onnxruntime", "onnxruntime-gpu"} - names(reqs), f"extra {extra} installs both"
+
+
+def test_mixed_onnxruntime_install_warns(monkeypatch):
+    import importlib.metadata as md
+
+    from runtime.engines import import_onnxruntime
+
+    monkeypatch.setattr(md, "version", lambda dist: "1.20.0")  # both distributions "installed"
+    with pytest.warns(UserWarning, match="overwrite each other"):
+        import_onnxruntime()
+    real = md.version
+
+    def only_cpu(dist):
+        if dist == "onnxruntime-gpu":
+            raise md.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(md, "version", only_cpu)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        import_onnxruntime()
