@@ -37,6 +37,8 @@ from export.pattern import is_nm_sparse
 TOKEN_COUNTS = (1, 16, 128, 2048)
 # sparse must beat dense by this fraction at a token count to be chosen there (timing noise is a few %)
 MARGIN = 0.03
+# where semi-structured weights live (benchmarks/gpu_check.py --smoke emulates the kernels on the CPU)
+DEVICE_TYPE = "cuda"
 _CLASSES = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT", "cutlass": "SparseSemiStructuredTensorCUTLASS"}
 
 
@@ -241,6 +243,9 @@ def cuda_event_timer(weight: torch.Tensor, sparse_weight: torch.Tensor, bias: to
     return timer
 
 
+make_timer = cuda_event_timer  # the default Timer's factory (weight, sparse weight, bias) -> Timer
+
+
 def autotune(layer_or_weight: nn.Module | torch.Tensor, token_counts: Sequence[int] = TOKEN_COUNTS,
              timer: Timer | None = None, backend: str | None = None, device_name: str | None = None,
              margin: float = MARGIN, cache: dict | None = None) -> Choice:
@@ -275,7 +280,7 @@ def autotune(layer_or_weight: nn.Module | torch.Tensor, token_counts: Sequence[i
                     weight = sparse_w.to_dense()
             else:
                 sparse_w = to_semi_structured(weight, backend)
-            timer = cuda_event_timer(weight.detach(), sparse_w, bias)
+            timer = make_timer(weight.detach(), sparse_w, bias)
         for n in missing:
             cache[keys[n]] = (float(timer("dense", int(n))), float(timer("sparse", int(n))))
     dense_ms = {int(n): cache[keys[n]][0] for n in token_counts}
@@ -318,7 +323,7 @@ def to_torch_sparse(model: nn.Module, backend: str = "auto", dtype: torch.dtype 
         if not entry.sparse:
             continue
         mod = linears[entry.name]
-        if mod.weight.device.type != "cuda":
+        if mod.weight.device.type != DEVICE_TYPE:
             entry.sparse, entry.backend, entry.mode, entry.reason = False, None, "dense", "weight not on CUDA"
             continue
         try:
