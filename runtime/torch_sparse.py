@@ -352,6 +352,8 @@ def to_torch_sparse(model: nn.Module, backend: str = "auto", dtype: torch.dtype 
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("to_torch_sparse swaps submodules in place: wrap a bare nn.Linear, e.g. nn.Sequential(lin)")
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
