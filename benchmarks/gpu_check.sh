@@ -1,52 +1,59 @@
 #!/usr/bin/env bash
-# GPU check of the CUDA paths, under 10 minutes: bash benchmarks/gpu_check.sh OUT_DIR
-#  1. environment (nvidia-smi, torch, cuSPARSELt, torch-tensorrt presence)
-#  2. CUDA unit tests of this repo's export/runtime packages (fast tier, they adapt to CUDA)
-#  3. single layers 4096x4096, 4096x11008, 11008x4096 at 2048/4096/8192 tokens, fp16: torch dense vs
-#     torch-sparse with cuSPARSELt and with CUTLASS, output error and speedup (target >= 1.3x)
-#  4. a 2-block slice of the default model: torch-sparse vs dense numerics and latency, fp16
-#  5. TensorRT engines (.ep and .engine) dense vs 2:4, only when torch-tensorrt is installed
-# Each step has its own time limit and failure does not stop the others; results land in OUT_DIR.
+# GPU check of the torch-sparse paths in one run, under 8 minutes on one GPU including CUDA start-up:
+#   bash benchmarks/gpu_check.sh [OUT_DIR] [--smoke]        (OUT_DIR default results/gpu)
+# Steps (benchmarks/gpu_check.py; each in its own process under a time limit, a failure does not stop the others):
+#   env      versions, GPU, capability, backends this GPU gets (CUTLASS on 8.x only, cuSPARSELt on >= 8.0)
+#   unit     the gpu-marked tests and the CPU tests of the sparse rules (when pytest is installed)
+#   layers   SmolLM2-135M and LLaMA-7B linear shapes, fp16 + bf16, 1..8192 tokens, dense vs 2:4 per backend
+#   smollm2  SmolLM2-135M from its config (random weights), 2:4: prefill 2048/8192, decode sizes 1/16/128
+#   llama7b  a 4-block LLaMA-7B-size model, the same (and without the LM head)
+#   report   OUT_DIR/results.md (markdown tables) and OUT_DIR/results.json
+# Uses system python3 (or $PYTHON); no venv, no downloads, no TensorRT needed.
+# --smoke (or MRP_GPU_CHECK_SMOKE=1): tiny sizes on the CPU with emulated kernels, seconds; tests run it.
 set -uo pipefail
-OUT="${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}"
+OUT="results/gpu"
+SMOKE=""
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) SMOKE="--smoke" ;;
+        *) OUT="$arg" ;;
+    esac
+done
+[ -n "${MRP_GPU_CHECK_SMOKE:-}" ] && SMOKE="--smoke"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-mkdir -p "$OUT"
 cd "$ROOT"
-[ -f .venv/bin/activate ] && . .venv/bin/activate
-PY="${PYTHON:-python}"
+mkdir -p "$OUT"
+: >"$OUT/steps.txt"
+PY="${PYTHON:-python3}"
+BUDGET="${MRP_GPU_CHECK_BUDGET:-450}"  # seconds for all steps; each limit shrinks to what is left
 status=0
-step() {  # step NAME SECONDS CMD...: run with a time limit, log to OUT/NAME.log, record the exit code
+step() {  # step NAME SECONDS CMD...: run under min(SECONDS, budget left), log to OUT/NAME.log, record the exit code
     local name="$1" limit="$2"; shift 2
-    echo "== $name (limit ${limit}s)"
-    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local left=$((BUDGET - SECONDS))
+    [ "$left" -lt "$limit" ] && limit="$left"
+    if [ "$limit" -le 5 ]; then
+        echo "$name skipped: time budget spent" | tee -a "$OUT/steps.txt"; status=1; return
+    fi
+    echo "== $name (limit ${limit}s, ${SECONDS}s elapsed)"
+    timeout -k 5 "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
-    echo "$name rc=$rc" | tee -a "$OUT/steps.txt"
-    tail -n 25 "$OUT/$name.log"
+    echo "$name rc=$rc ($((SECONDS))s)" | tee -a "$OUT/steps.txt"
+    tail -n 15 "$OUT/$name.log"
     [ "$rc" -eq 0 ] || status=1
 }
 
-step env 60 bash -c "nvidia-smi; $PY - <<'PY'
-import importlib.util, json, torch
-info = {'torch': torch.__version__, 'cuda': torch.version.cuda, 'available': torch.cuda.is_available()}
-if torch.cuda.is_available():
-    info['gpu'] = torch.cuda.get_device_name(); info['capability'] = torch.cuda.get_device_capability()
-cs = getattr(torch.backends, 'cusparselt', None)
-info['cusparselt'] = bool(cs and cs.is_available()); info['cusparselt_version'] = cs.version() if info['cusparselt'] else None
-info['torch_tensorrt'] = importlib.util.find_spec('torch_tensorrt') is not None
-info['onnxruntime_gpu'] = 'CUDAExecutionProvider' in __import__('onnxruntime').get_available_providers()
-print(json.dumps(info, indent=2))
-PY"
-step unit_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_runtime_torch_sparse.py \
-    tests/test_export_eligibility.py tests/test_runtime_bench.py tests/test_export_tensorrt.py
-step layers 240 "$PY" benchmarks/latency.py --skip-model --no-onnx --dtype float16 --tokens 2048,4096,8192 \
-    --warmup 5 --iters 20 --out "$OUT/layers.json"
-step model 120 "$PY" benchmarks/latency.py --skip-layers --no-onnx --max-layers 2 --batch 8 --seqlen 512 \
-    --warmup 3 --iters 20 --out "$OUT/model.json"
-if "$PY" -c "import torch_tensorrt" 2>/dev/null; then
-    step tensorrt 240 "$PY" benchmarks/latency.py --skip-layers --no-onnx --tensorrt --max-layers 2 --batch 8 \
-        --seqlen 512 --iters 20 --out "$OUT/tensorrt.json"
-else
-    echo "tensorrt skipped: torch-tensorrt not installed" | tee -a "$OUT/steps.txt"
+step env 60 "$PY" benchmarks/gpu_check.py env --out "$OUT" $SMOKE
+if [ -z "$SMOKE" ]; then
+    if "$PY" -c "import pytest" 2>/dev/null; then
+        step unit 90 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_gpu_paths.py \
+            tests/test_runtime_torch_sparse.py tests/test_export_eligibility.py
+    else
+        echo "unit skipped: pytest not installed" | tee -a "$OUT/steps.txt"
+    fi
 fi
-echo "results in $OUT (steps.txt, *.log, *.json); exit $status"
+step layers 120 "$PY" benchmarks/gpu_check.py layers --out "$OUT" $SMOKE
+step smollm2 100 "$PY" benchmarks/gpu_check.py smollm2 --out "$OUT" $SMOKE
+step llama7b 120 "$PY" benchmarks/gpu_check.py llama7b --out "$OUT" $SMOKE
+BUDGET=$((BUDGET + 20)) step report 20 "$PY" benchmarks/gpu_check.py report --out "$OUT" $SMOKE
+echo "results in $OUT (results.md, results.json, steps.txt, *.log); exit $status"
 exit $status

@@ -75,7 +75,8 @@ def model_part(args, device: str, tmp: Path) -> tuple[list[dict], dict]:
         dt = torch.float16
         d16 = copy.deepcopy(dense).to(dt).cuda()
         s16 = copy.deepcopy(sparse).to(dt).cuda()
-        plan = to_torch_sparse(s16) if capability_reason(current_capability()) is None else []
+        # the engine as deployed: per layer and token count, sparse only where the build-time autotune found it faster
+        plan = to_torch_sparse(s16, dtype=dt) if capability_reason(current_capability()) is None else []
         fn_d = lambda x: d16(input_ids=x, use_cache=False).logits  # noqa: E731
         fn_s = lambda x: s16(input_ids=x, use_cache=False).logits  # noqa: E731
         with torch.no_grad():
@@ -83,7 +84,8 @@ def model_part(args, device: str, tmp: Path) -> tuple[list[dict], dict]:
             err = (fn_s(ids.cuda()).float() - ref.float()).abs().max().item()
         r = benchmark(fn_s, ids.cuda(), warmup=args.warmup, iters=args.iters, dense=fn_d)
         rows.append(row("model", name, "torch-sparse vs torch", "fp16", r, max_abs_err=err,
-                        sparse_layers=sum(p.sparse for p in plan)))
+                        sparse_layers=sum(p.mode == "sparse" for p in plan),
+                        mixed_layers=sum(p.mode == "mixed" for p in plan)))
 
     if args.tensorrt:
         from export import to_tensorrt
@@ -110,7 +112,10 @@ def model_part(args, device: str, tmp: Path) -> tuple[list[dict], dict]:
 def layers_part(args, device: str, tmp: Path) -> list[dict]:
     dt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     tokens = [int(t) for t in args.tokens.split(",")]
-    sparse_ok = device == "cuda" and capability_reason(current_capability()) is None
+    # 2:4 kernels exist for fp16 / bf16 only (fp32 is 1:2 TF32), CUTLASS on compute capability 8.x only
+    sparse_ok = device == "cuda" and capability_reason(current_capability()) is None and dt != torch.float32
+    if device == "cuda" and dt == torch.float32:
+        print("layers: float32 has no 2:4 kernel (torch's fp32 sparse kernels are 1:2 TF32): timing dense only")
     rows = []
     for fin, fout in LAYER_SHAPES[: args.max_shapes or None]:
         torch.manual_seed(0)
@@ -119,9 +124,9 @@ def layers_part(args, device: str, tmp: Path) -> list[dict]:
         shape = f"{fin}x{fout}"
         variants = {}
         if sparse_ok:
-            for backend in available_backends():
-                m = copy.deepcopy(lin24)
-                plan = to_torch_sparse(m, backend=backend)
+            for backend in available_backends():  # this GPU's backends: no CUTLASS on Hopper and later
+                m = torch.nn.Sequential(copy.deepcopy(lin24))
+                plan = to_torch_sparse(m, backend=backend, dtype=dt, autotune=False)  # forced: time the kernel
                 if plan[0].sparse:
                     variants[f"torch-sparse {backend}"] = m
                 else:

@@ -16,6 +16,20 @@ from .pattern import is_nm_sparse
 # Sparse tensor cores exist from Ampere (compute capability 8.0) on: A100, A10, RTX 30xx, L4, H100, H200.
 MIN_CAPABILITY = (8, 0)
 
+# 2:4 (two of every four) is the pattern of fp16 / bf16 / int8 only. For float32 torch's semi-structured kernels
+# run TF32 with 1:2 sparsity (torch/sparse/_semi_structured_conversions.py keeps one value per pair for
+# torch.float; cuSPARSELt documents "2:4 for half/bf16/int8, 1:2 for float"): a 2:4 fp32 weight converted there
+# loses half its kept values. fp32 weights must be cast to fp16 / bf16 first, or run dense.
+TWO_FOUR_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
+FP32_REASON = ("float32 is 1:2 (TF32) in the sparse kernels, not 2:4: cast to float16/bfloat16 "
+               "(--dtype float16) or run dense")
+
+# torch's CUTLASS semi-structured kernels (torch._sparse_semi_structured_mm/addmm) are built for sm80 only: on any
+# other major version (sm_90 Hopper, sm_100, sm_120) they raise "Supported only on GPUs with compute capability
+# 8.x". cuSPARSELt covers sm80 and later (per its release; torch.backends.cusparselt.is_available() says whether
+# this torch build has it).
+CUTLASS_MAJOR = 8
+
 # torch.sparse.to_sparse_semi_structured: minimum (and multiple-of) rows, cols of the sparse weight [out, in],
 # per backend and dtype. Copied from torch/sparse/semi_structured.py (torch 2.13),
 # SparseSemiStructuredTensor{CUSPARSELT,CUTLASS}._DTYPE_SHAPE_CONSTRAINTS (sparse_min_rows, sparse_min_cols);
@@ -55,9 +69,12 @@ def torch_shape_rules(backend: str) -> dict[torch.dtype, tuple[int, int]]:
 
 
 def torch_sparse_reason(shape: tuple[int, int], dtype: torch.dtype, backend: str = "cusparselt") -> str | None:
-    """None when a 2:4 weight of `shape` [out, in] and `dtype` converts with to_sparse_semi_structured, else why not."""
+    """None when a 2:4 weight of `shape` [out, in] and `dtype` converts with to_sparse_semi_structured and keeps its
+    2:4 values, else why not (float32 converts but as 1:2, so it is refused here)."""
+    if dtype == torch.float32:
+        return f"{backend}: {FP32_REASON}"
     rules = torch_shape_rules(backend)
-    if dtype not in rules:
+    if dtype not in rules or dtype not in TWO_FOUR_DTYPES:
         return f"{backend}: dtype {str(dtype).replace('torch.', '')} unsupported"
     min_rows, min_cols = rules[dtype]
     rows, cols = shape
@@ -84,6 +101,30 @@ def capability_reason(capability: tuple[int, int] | None) -> str | None:
     if tuple(capability) < MIN_CAPABILITY:
         return f"compute capability {capability[0]}.{capability[1]} < 8.0 has no sparse tensor cores"
     return None
+
+
+def backend_capability_reason(backend: str, capability: tuple[int, int] | None) -> str | None:
+    """None when `backend` ('cusparselt' | 'cutlass') has kernels for a GPU of `capability`, else why not."""
+    if backend not in ("cusparselt", "cutlass"):
+        return f"unknown backend {backend!r} (expected cusparselt or cutlass)"
+    reason = capability_reason(capability)
+    if reason:
+        return f"{backend}: {reason}"
+    if backend == "cutlass" and capability[0] != CUTLASS_MAJOR:
+        return (f"cutlass: torch's CUTLASS kernels run only on compute capability {CUTLASS_MAJOR}.x "
+                f"(this is {capability[0]}.{capability[1]})")
+    return None
+
+
+def torch_backends(capability: tuple[int, int] | None, cusparselt_available: bool) -> list[str]:
+    """Semi-structured backends usable on a GPU of `capability`, preferred first (cuSPARSELt is the faster one
+    and the only one past sm_8x); `cusparselt_available`: torch.backends.cusparselt.is_available()."""
+    out = []
+    if cusparselt_available and backend_capability_reason("cusparselt", capability) is None:
+        out.append("cusparselt")
+    if backend_capability_reason("cutlass", capability) is None:
+        out.append("cutlass")
+    return out
 
 
 def current_capability() -> tuple[int, int] | None:
@@ -158,6 +199,13 @@ class EligibilityReport:
         return "\n".join(lines)
 
 
+def _with_device(reason: str | None, backend: str, capability: tuple[int, int] | None) -> str | None:
+    """The dtype / shape reason, else the backend's GPU rule (only for a known GPU: None is reported per device)."""
+    if reason is not None or capability is None:
+        return reason
+    return backend_capability_reason(backend, capability)
+
+
 def linear_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(module name, weight [out, in]) of every nn.Linear, in module order."""
     return [(name, mod.weight) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
@@ -176,12 +224,16 @@ def eligibility(model: nn.Module, dtype: torch.dtype | None = None,
         shape = (int(w.shape[0]), int(w.shape[1]))
         layers.append(LayerEligibility(
             name=name, shape=shape, dtype=str(dt).replace("torch.", ""), is_2_4=is_nm_sparse(w.detach(), 2, 4),
-            torch_sparse=torch_sparse_reason(shape, dt, "cusparselt"),
-            cutlass=torch_sparse_reason(shape, dt, "cutlass"),
+            torch_sparse=_with_device(torch_sparse_reason(shape, dt, "cusparselt"), "cusparselt", cap),
+            cutlass=_with_device(torch_sparse_reason(shape, dt, "cutlass"), "cutlass", cap),
             tensorrt=tensorrt_reason(shape, dt)))
     device = "none (CPU only)" if cap is None else f"CUDA compute capability {cap[0]}.{cap[1]}"
     notes = []
     small = [e.name for e in layers if e.is_2_4 and min(e.shape) < 1024]
+    fp32 = [e.name for e in layers if e.is_2_4 and e.dtype == "float32"]
+    if fp32:
+        notes.append(f"{len(fp32)} 2:4 layers are float32: torch's sparse kernels are 1:2 (TF32) and TensorRT has "
+                     "no fp32 sparse tactics; export / run them in float16 or bfloat16 to use 2:4")
     if small:
         # Measured on A100/H100 by NVIDIA and PyTorch: 2:4 GEMMs gain little below ~1k x 1k weights or few tokens.
         notes.append(f"{len(small)} 2:4 layers have a dimension < 1024: expect little or no speedup from them")

@@ -177,6 +177,10 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: to
 
     located = {name for c in checks if c.layer for name in c.layer.split(", ")}
     notes = []
+    if pruned and dtype == torch.float32:
+        notes.append("float32 export: 2:4 runs in fp16 only (fp32 sparse kernels are TF32 1:2); ONNX Runtime's "
+                     "TensorRT EP enables fp16 for it when sparsity is on. Export with dtype=torch.float16 "
+                     "(mrp export --dtype float16) for the exact numerics TensorRT will run")
     if external:
         notes.append("weights in external data (model > 1.8 GiB); keep the .data file next to the .onnx")
     if not hf and dynamic:

@@ -48,24 +48,24 @@ def require_tensorrt() -> None:
 def tensorrt_settings(dtype: torch.dtype = torch.float16, accepted: set[str] | None = None) -> dict:
     """Keyword arguments for torch_tensorrt.dynamo.compile / convert_exported_program_to_serialized_trt_engine.
 
-    `accepted`: the parameter names the installed function takes; settings it lacks are dropped, so one code
-    path serves torch-tensorrt versions before and after `enabled_precisions` was deprecated. Without it (or
-    for a function taking **kwargs) the current API is assumed: explicit typing from the model's dtype, which
-    excludes `enabled_precisions` (torch-tensorrt rejects fp16 precisions under explicit typing)."""
+    torch-tensorrt 2.13 (the `trt` extra): `use_explicit_typing` is the default since 2.10 and the precision comes
+    from the model's dtypes (the model is cast to `dtype` first); passing `enabled_precisions` other than fp32
+    under explicit typing raises an AssertionError there (pytorch/TensorRT#4070), so it is never sent.
+    `sparse_weights=True` sets kSPARSE_WEIGHTS (the builder may pick 2:4 tactics for constant fp16 / int8 weights);
+    `immutable_weights=True` bakes the weights in as constants (a refittable engine gets no sparse tactics).
+    float32 builds run TF32, whose sparse kernels are 1:2: no 2:4 tactics, so fp16 is the default.
+    `accepted`: the parameter names the installed function takes; settings it lacks are dropped (None: all)."""
     if dtype not in (torch.float16, torch.float32, torch.bfloat16):
         raise ValueError(f"TensorRT export supports float16, bfloat16 and float32, got {dtype}")
     settings = {
-        "sparse_weights": True,  # kSPARSE_WEIGHTS: let the builder pick 2:4 sparse tactics
-        "immutable_weights": True,  # weights baked in as constants: refittable engines get no sparse tactics
-        "use_explicit_typing": True,  # the model is cast to `dtype` beforehand; respect its types
-        "enabled_precisions": {dtype},  # older torch-tensorrt: how to allow fp16 kernels
+        "sparse_weights": True,
+        "immutable_weights": True,
+        "use_explicit_typing": True,
         "min_block_size": 1,
         "truncate_double": True,
     }
     if accepted is not None:
         settings = {k: v for k, v in settings.items() if k in accepted}
-    if "use_explicit_typing" in settings:
-        settings.pop("enabled_precisions", None)
     return settings
 
 
@@ -100,6 +100,8 @@ def to_tensorrt(model: nn.Module, example_inputs, path: str | os.PathLike,
         (tmp / engine_path.name).write_bytes(bytes(engine))
         files = {str(path.parent / f.name): f.stat().st_size for f in sorted(tmp.iterdir())}
     notes = ["static shapes: the engine is built for the example input shapes",
+             *(["float32 engine: TF32 has no 2:4 sparse tactics (1:2 only); export float16 for 2:4"]
+               if dtype == torch.float32 and pruned else []),
              f"verify sparse tactics: trtexec --loadEngine={engine_path} --verbose (look for sparse layers)"]
     if is_hf_causal_lm(model):
         notes.append("HF model exported as input_ids -> logits (use_cache=False)")

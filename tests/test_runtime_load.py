@@ -8,6 +8,7 @@ import torch
 from export import save_compressed, to_onnx
 from mrp_pass import Sparsity, cli
 from runtime import OnnxEngine, TorchEngine, choose_providers, load
+from runtime.engines import provider_notes
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,14 @@ def test_provider_choice():
     first, second, third = choose_providers(avail, "cuda", fp16=True)
     assert first == ("TensorrtExecutionProvider", {"trt_sparsity_enable": True, "trt_fp16_enable": True})
     assert (second, third) == ("CUDAExecutionProvider", "CPUExecutionProvider")
-    assert choose_providers(avail, "cuda", fp16=False)[0][1]["trt_fp16_enable"] is False
+    # fp32 graph: fp16 is still enabled while sparsity is on (fp32 = TF32 = 1:2 sparse kernels: sparsity no-op)
+    fp32 = choose_providers(avail, "cuda", fp16=False)
+    assert fp32[0][1] == {"trt_sparsity_enable": True, "trt_fp16_enable": True}
+    assert "1:2" in provider_notes(fp32, fp16_graph=False)[0]
+    assert provider_notes(choose_providers(avail, "cuda", fp16=True), fp16_graph=True) == []
+    dense = choose_providers(avail, "cuda", fp16=False, sparsity=False)
+    assert dense[0][1] == {"trt_sparsity_enable": False, "trt_fp16_enable": False}
+    assert provider_notes(dense, fp16_graph=False) == []
     assert choose_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda", False)[0] == \
         "CUDAExecutionProvider"
     assert choose_providers(avail, "cpu", fp16=True) == ["CPUExecutionProvider"]
@@ -86,3 +94,44 @@ def test_bench_cli_writes_json_and_plot(mlp_onnx, tmp_path, capsys):
     data = json.loads((tmp_path / "bench.json").read_text())
     assert [r["batch"] for r in data["rows"]] == [1, 2] and all(r["speedup"] > 0 for r in data["rows"])
     assert (tmp_path / "bench.png").stat().st_size > 0
+
+
+def test_onnxruntime_comes_from_exactly_one_extra():
+    """The CPU and GPU onnxruntime distributions own the same import package: never both in one install."""
+    import re
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    meta = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+
+    def names(reqs):
+        return {re.split(r"[<>=!~;\[ ]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    extras = meta["optional-dependencies"]
+    assert not names(meta["dependencies"]) & {"onnxruntime", "onnxruntime-gpu"}
+    assert names(extras["cpu"]) == {"onnxruntime"} and names(extras["gpu"]) == {"onnxruntime-gpu"}
+    for extra, reqs in extras.items():
+        assert {"onnxruntime", "onnxruntime-gpu"} - names(reqs), f"extra {extra} installs both"
+
+
+def test_mixed_onnxruntime_install_warns(monkeypatch):
+    import importlib.metadata as md
+
+    from runtime.engines import import_onnxruntime
+
+    monkeypatch.setattr(md, "version", lambda dist: "1.20.0")  # both distributions "installed"
+    with pytest.warns(UserWarning, match="overwrite each other"):
+        import_onnxruntime()
+    real = md.version
+
+    def only_cpu(dist):
+        if dist == "onnxruntime-gpu":
+            raise md.PackageNotFoundError(dist)
+        return real(dist)
+
+    monkeypatch.setattr(md, "version", only_cpu)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        import_onnxruntime()
