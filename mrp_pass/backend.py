@@ -133,6 +133,9 @@ class CompileOptions(PruneConfig):
         dtype = None if self.dtype is None else parse_dtype(self.dtype)
         if dtype == torch.bfloat16 and self.engine in ("onnxruntime", "tensorrt"):
             raise ValueError(f"the {self.engine} engine takes dtype float32 or float16, not bfloat16")
+        if dtype == torch.float32 and self.engine == "torch-sparse":
+            raise ValueError("the torch-sparse engine runs 2:4 in float16 or bfloat16 (torch's float32 sparse "
+                             "format is 1:2 TF32, not 2:4): leave dtype unset (float16) or pass bfloat16")
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "output_dir", Path(self.output_dir if self.output_dir is not None else "mrp_trt_out"))
         calibration = self.calibration

@@ -201,7 +201,7 @@ class TensorRTGraphEngine(ShapeSpecialised):  # pragma: no cover - needs CUDA an
 def swap_linears(frozen: fx.GraphModule, make: Callable[[str, torch.Tensor, torch.Tensor | None], nn.Module | None],
                  ) -> dict[str, str]:
     """Replace every `linear(x, W, b)` node whose W (and b) are top-level constants by a call of the module
-    `make(name, W, b)` returns (None: keep it dense). Returns {weight name: "sparse" or why it stayed dense}."""
+    `make(name, W, b)` returns (None: keep the node). Returns {weight name: the new submodule's name}."""
     done: dict[str, str] = {}
     for node in list(frozen.graph.nodes):
         if node.op != "call_function" or node.target not in LINEAR_TARGETS:
@@ -216,54 +216,37 @@ def swap_linears(frozen: fx.GraphModule, make: Callable[[str, torch.Tensor, torc
         module = make(w_node.target, weight, bias)
         if module is None:
             continue
-        name = f"sparse_{w_node.target}"
+        name = f"linear_{w_node.target}"
         frozen.add_submodule(name, module)
         with frozen.graph.inserting_before(node):
             call = frozen.graph.call_module(name, (x,))
         node.replace_all_uses_with(call)
         frozen.graph.erase_node(node)
-        done[w_node.target] = "sparse"
+        done[w_node.target] = name
     frozen.graph.eliminate_dead_code()
     frozen.recompile()
     return done
 
 
-class _SemiStructuredLinear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+def _as_linear(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """The constants of a linear node as an nn.Linear sharing them (no copy)."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias, requires_grad=False)
+    return linear
 
 
 def torch_sparse_engine(frozen: fx.GraphModule, record: GraphRecord) -> EagerEngine:  # pragma: no cover - CUDA
-    """Eligible 2:4 linear weights of the frozen graph become semi-structured sparse tensors (F.linear
-    dispatches them to cuSPARSELt / CUTLASS); the others stay dense, with the reason in the report."""
-    from export.eligibility import current_capability
+    """The frozen graph's constant linears become nn.Linear modules, then runtime.torch_sparse swaps the
+    eligible 2:4 ones for TorchSparseLinear (autotuned per token count: sparse only where it measured faster);
+    the others stay dense, with the reason in the report. The frozen weights are fp16/bf16 already."""
+    from .torch_sparse import to_torch_sparse
 
-    from .torch_sparse import _CLASSES, plan
-
-    linears = {n.args[1].target: n.args[1] for n in frozen.graph.nodes
-               if n.op == "call_function" and n.target in LINEAR_TARGETS and isinstance(n.args[1], fx.Node)}
-    weights = {name: getattr(frozen, name) for name in linears if "." not in name}
-    entries = {e.name: e for e in plan(weights, current_capability())}
-
-    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module | None:
-        entry = entries.get(name)
-        if entry is None or not entry.sparse:
-            record.notes.append(f"{name}: dense ({entry.reason if entry else 'not a plain linear'})")
-            return None
-        try:
-            sparse = getattr(torch.sparse, _CLASSES[entry.backend]).from_dense(weight.contiguous())
-        except (RuntimeError, ValueError) as e:  # a rule this torch adds: stay dense
-            record.notes.append(f"{name}: dense (conversion failed: {e})")
-            return None
-        return _SemiStructuredLinear(sparse, bias)
-
-    done = swap_linears(frozen, make)
-    record.notes.append(f"torch-sparse: {len(done)}/{len(weights)} linear weights sparse")
+    swap_linears(frozen, _as_linear)
+    layers = to_torch_sparse(frozen, dtype=None)
+    record.notes.extend(f"{e.name}: {e.mode} ({e.reason})" for e in layers)
+    record.notes.append(f"torch-sparse: {sum(e.sparse for e in layers)}/{len(layers)} linear weights sparse")
     return EagerEngine(frozen)
 
 

@@ -60,6 +60,6 @@ def test_swap_linears_replaces_constant_linears_and_keeps_the_rest():
         return Doubled(w, b) if name == "w2" else None  # w1 stays dense
 
     done = swap_linears(gm, make)
-    assert done == {"w2": "sparse"} and seen == {"w1": ((8, 16), True), "w2": ((4, 8), False)}
+    assert done == {"w2": "linear_w2"} and seen == {"w1": ((8, 16), True), "w2": ((4, 8), False)}
     assert [n.op for n in gm.graph.nodes].count("call_module") == 1
     torch.testing.assert_close(gm(x), 2 * expected)
