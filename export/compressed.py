@@ -9,8 +9,16 @@ back as +0.0, since the format stores no pruned entries. Exactly 2 values are ke
 fewer non-zeros keeps a zero), as compressed-tensors' decoder reshapes the values to [rows, cols/2].
 Every other tensor is stored dense under its own name. config.json
 carries `quantization_config = {quant_method: "compressed-tensors", sparsity_config: {format:
-"sparse-24-bitmask", sparsity_structure: "2:4", targets: ["Linear"], ignore: [linears stored dense], ...}}`.
+"sparse-24-bitmask", sparsity_structure: "2:4", targets: ["Linear"], ignore: [linears stored dense],
+global_sparsity, registry_requires_subclass}}` (the fields compressed-tensors 0.14's Sparse24BitMaskConfig dumps).
 fp16 2:4 weights take 16 * 1/2 + 1 = 9 bits per element instead of 16: 9/16 = 0.5625 of dense.
+
+The rest of config.json goes through `portable_config`, so transformers 4.x and 5.x build the same model from it
+(architectures, dtype, rope_theta / rope_scaling beside transformers 5's rope_parameters, no local paths).
+A tied output head is not stored: readers re-tie it from `tie_word_embeddings: true` (ours, transformers,
+compressed-tensors), and `load_compressed` accepts a missing tied head from any writer on that ground.
+Readers of this format: compressed-tensors <= 0.14.0.1 (so transformers 4.x, llm-compressor <= 0.10); later
+compressed-tensors releases dropped it (README, "Compressed checkpoints: who reads them").
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_write_text
 from .pattern import is_nm_sparse
 from .wrap import is_hf_causal_lm
 
@@ -120,11 +128,63 @@ def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, aliases
 
 
-def _config_dict(model: nn.Module) -> dict:
+_LOCAL_KEYS = ("_name_or_path", "name_or_path", "_commit_hash")  # where a machine-local path or hub cache lands
+
+
+def portable_config(config: dict, architectures: list[str] | None = None, dtype: torch.dtype | str | None = None
+                    ) -> dict:
+    """A copy of an HF config.json dict that transformers 4.x and 5.x read as the same model.
+
+    - `architectures` filled in when missing (from_pretrained of a bare AutoConfig object leaves it null);
+    - `dtype` and its 4.x spelling `torch_dtype` set to the stored weights' dtype when given;
+    - the rope parameters in both forms: transformers 5 writes only `rope_parameters` (theta inside), and 4.x
+      then falls back to rope_theta 10000; 4.x writes `rope_theta` + `rope_scaling`, which 5.x converts itself,
+      but both are written so neither version guesses. A per-layer-type (nested) rope_parameters is left as is;
+    - no machine-local paths (`_name_or_path`: the directory the model was loaded from)."""
+    cfg = {k: v for k, v in config.items() if k not in _LOCAL_KEYS}
+    if architectures and not cfg.get("architectures"):
+        cfg["architectures"] = list(architectures)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        cfg["dtype"] = cfg["torch_dtype"] = name
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and ("rope_type" in rope or "rope_theta" in rope):  # one flat dict, not per layer
+        if "rope_theta" in rope:
+            cfg.setdefault("rope_theta", rope["rope_theta"])
+        if "partial_rotary_factor" in rope:  # a top-level attribute in 4.x
+            cfg.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+        if cfg.get("rope_scaling") is None:
+            scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
+            cfg["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    elif rope is None and cfg.get("rope_theta") is not None:  # a 4.x config: add the 5.x form
+        scaling = cfg.get("rope_scaling") or {}
+        rope = {"rope_type": scaling.get("rope_type", scaling.get("type", "default")), "rope_theta": cfg["rope_theta"],
+                **{k: v for k, v in scaling.items() if k not in ("type", "rope_type")}}
+        if cfg.get("partial_rotary_factor") is not None:
+            rope["partial_rotary_factor"] = cfg["partial_rotary_factor"]
+        cfg["rope_parameters"] = rope
+    return cfg
+
+
+def portable_config_file(directory: str | os.PathLike) -> dict:
+    """Rewrite `directory`/config.json (as written by save_pretrained) through `portable_config`; returns it."""
+    config = portable_config(read_config(directory))
+    atomic_write_text(Path(directory) / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return config
+
+
+def _stored_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The commonest floating dtype among the stored tensors (what the loader builds the model in)."""
+    floats = [t.dtype for t in tensors.values() if t.is_floating_point()]
+    return max(set(floats), key=floats.count) if floats else None
+
+
+def _config_dict(model: nn.Module, dtype: torch.dtype | None) -> dict:
     if is_hf_causal_lm(model):
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)
-        return cfg
+        cfg.setdefault("tie_word_embeddings", bool(getattr(model.config, "tie_word_embeddings", False)))
+        return portable_config(cfg, architectures=[type(model).__name__], dtype=dtype)
     return {"mrp_module": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
@@ -160,7 +220,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike) -> Compresse
             tensors[name] = t.cpu().contiguous()
     dense_linears += [linears[a] for a in aliases if a in linears]
 
-    config = _config_dict(model)
+    config = _config_dict(model, _stored_dtype(tensors))
     config["quantization_config"] = {
         "quant_method": "compressed-tensors",
         "version": COMPRESSED_TENSORS_VERSION,
@@ -255,8 +315,10 @@ def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None
 
     built = model is None
     if built:
-        floats = [t.dtype for t in state.values() if t.is_floating_point()]
-        model = _model_from_config(config, directory, max(set(floats), key=floats.count) if floats else torch.float32)
+        model = _model_from_config(config, directory, _stored_dtype(state) or torch.float32)
+    tied = _tied_head(model, config)
+    if tied is not None and tied[0] not in state and tied[1] in state:
+        aliases.setdefault(tied[0], tied[1])  # another writer's tied checkpoint: the head is the embedding
     for alias, kept in aliases.items():
         if kept in state:
             state.setdefault(alias, state[kept])
@@ -265,6 +327,33 @@ def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None
         model.tie_weights()  # HF ties lm_head to the embedding again when the config says so
     missing = [k for k in missing if k not in aliases]
     if missing or unexpected:
+        hint = ""
+        head = _head_key(model)
+        if head in missing and tied is None:
+            hint = (f"; {head} is not stored and config.json does not say tie_word_embeddings: true, so it cannot "
+                    "be taken from the input embedding")
         raise ValueError(f"{directory / WEIGHTS_FILE} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]}")
+                         f"unexpected {unexpected[:5]}{hint}")
     return model.eval()
+
+
+def _module_key(model: nn.Module, module: nn.Module | None) -> str | None:
+    if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+        return None
+    return next((f"{n}.weight" if n else "weight" for n, m in model.named_modules() if m is module), None)
+
+
+def _head_key(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return _module_key(model, get()) if callable(get) else None
+
+
+def _tied_head(model: nn.Module, config: dict) -> tuple[str, str] | None:
+    """(output head weight, input embedding weight) state-dict keys when the checkpoint's config.json (else the
+    model's own config) says tie_word_embeddings: true, as every HF writer records a tie; None otherwise."""
+    own = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    if not config.get("tie_word_embeddings", own):
+        return None
+    get_in = getattr(model, "get_input_embeddings", None)
+    head, embed = _head_key(model), _module_key(model, get_in()) if callable(get_in) else None
+    return (head, embed) if head and embed else None

@@ -139,3 +139,119 @@ def test_inconsistent_tensors_raise_value_error():
         decompress_24(parts["shape"], parts["compressed"][:, :1], parts["bitmask"], where="x")
     with pytest.raises(ValueError, match="keeps"):
         decompress_24(parts["shape"], parts["compressed"], torch.tensor([[0b1111]], dtype=torch.uint8), where="x")
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 32}
+
+
+def _loaded_from_disk(tmp_path, rope_scaling):
+    """A pruned fp16 Llama with SmolLM2's rope_theta (100000), loaded from a local directory as users do."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    kwargs = {"rope_scaling": dict(rope_scaling)} if rope_scaling else {}
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rope_theta=100000.0,
+                      tie_word_embeddings=True, **kwargs)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float16).eval()
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                mod.weight.mul_(Sparsity(n=2, m=4).mask(mod.weight.abs().float()).to(mod.weight.dtype))
+    return model
+
+
+def _assert_portable(config: dict, text: str, tmp_path, rope_scaling) -> None:
+    """What transformers 4.x reads (architectures, rope_theta, rope_scaling, torch_dtype) beside the 5.x form."""
+    from transformers import LlamaConfig
+
+    assert config["architectures"] == ["LlamaForCausalLM"]
+    assert config["rope_theta"] == 100000.0  # 4.x: absent means 10000
+    assert config["rope_scaling"] == (LLAMA3_SCALING if rope_scaling else None)
+    assert config["rope_parameters"]["rope_theta"] == 100000.0  # the 5.x form stays
+    assert config["tie_word_embeddings"] is True
+    assert str(tmp_path) not in text and "_name_or_path" not in config  # no machine-local path
+    rebuilt = LlamaConfig(**{k: v for k, v in config.items() if k != "quantization_config"})  # 5.x reads it back
+    assert rebuilt.rope_parameters == {"rope_type": "default", "rope_theta": 100000.0, **(rope_scaling or {})}
+
+
+@pytest.mark.parametrize("rope_scaling", [None, LLAMA3_SCALING], ids=["default-rope", "llama3-rope"])
+def test_config_reads_the_same_in_transformers_4_and_5(tmp_path, rope_scaling):
+    from export.compressed import portable_config_file
+
+    model = _loaded_from_disk(tmp_path, rope_scaling)
+    save_compressed(model, tmp_path / "ck")
+    text = (tmp_path / "ck" / "config.json").read_text()
+    config = json.loads(text)
+    _assert_portable(config, text, tmp_path, rope_scaling)
+    assert config["dtype"] == config["torch_dtype"] == "float16"  # the stored dtype, in both spellings
+    # the fields compressed-tensors 0.14's Sparse24BitMaskConfig.model_dump() writes, llm-compressor's too
+    assert set(config["quantization_config"]["sparsity_config"]) == {
+        "format", "global_sparsity", "ignore", "registry_requires_subclass", "sparsity_structure", "targets"}
+    # a dense save_pretrained directory (what `mrp prune` writes) made portable in place
+    model.save_pretrained(tmp_path / "dense")
+    portable_config_file(tmp_path / "dense")
+    text = (tmp_path / "dense" / "config.json").read_text()
+    _assert_portable(json.loads(text), text, tmp_path, rope_scaling)
+
+
+def test_portable_config_gives_a_4x_config_the_5x_form():
+    from export.compressed import portable_config
+
+    old = {"model_type": "llama", "rope_theta": 500000.0, "rope_scaling": {"type": "linear", "factor": 2.0},
+           "_name_or_path": "/home/me/models/x"}
+    new = portable_config(old, architectures=["LlamaForCausalLM"], dtype=torch.bfloat16)
+    assert new["rope_parameters"] == {"rope_type": "linear", "rope_theta": 500000.0, "factor": 2.0}
+    assert new["rope_scaling"] == old["rope_scaling"] and new["rope_theta"] == 500000.0
+    assert new["architectures"] == ["LlamaForCausalLM"] and new["dtype"] == new["torch_dtype"] == "bfloat16"
+    assert "_name_or_path" not in new and old["_name_or_path"]  # a copy: the input is left alone
+
+
+def _as_another_writer(directory) -> None:
+    """Our file without our private metadata: how compressed-tensors / llm-compressor store a tied model."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    tensors = load_file(str(path))
+    assert "lm_head.weight" not in tensors  # the tied head is not stored
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def test_tied_head_of_another_writer_is_taken_from_tie_word_embeddings(tmp_path):
+    from runtime import load
+
+    model = _tiny_llama(torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    save_compressed(model, tmp_path / "ck")
+    _as_another_writer(tmp_path / "ck")
+    loaded = load_compressed(tmp_path / "ck")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    _assert_same(model, loaded)
+    into = _tiny_llama(torch.float32)  # an untied instance takes the embedding as its head
+    _assert_same(model, load_compressed(tmp_path / "ck", model=into))
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "ck")(ids), model(ids).logits)  # runtime.load reads it too
+
+
+def test_missing_weights_still_raise(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_llama(torch.float32)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    save_compressed(model, tmp_path / "ck")
+    _as_another_writer(tmp_path / "ck")
+    config_path = tmp_path / "ck" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "tie_word_embeddings": False}))
+    with pytest.raises(ValueError, match=r"missing \['lm_head\.weight'\].*tie_word_embeddings"):
+        load_compressed(tmp_path / "ck")
+    config_path.write_text(json.dumps(config))  # tied again, but a norm weight is gone: no excuse for that
+    path = tmp_path / "ck" / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if k != "model.norm.weight"}, str(path))
+    with pytest.raises(ValueError, match=r"does not match the model: missing \['model\.norm\.weight'\]"):
+        load_compressed(tmp_path / "ck")
