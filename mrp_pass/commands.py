@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,28 +25,20 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def save_pruned(model, tokenizer, report, out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write model (HF save_pretrained layout), tokenizer and report.json to `out` atomically: all of
-    it goes to a temporary sibling directory that is renamed into place, so `out` is never half-written."""
+    """Write model (HF save_pretrained layout, with a config that transformers 4.x and 5.x read alike),
+    tokenizer and report.json to `out` atomically: never half-written, the old one replaced only on success."""
+    from export.atomic import atomic_dir
+    from export.compressed import portable_config_file
+
     out = Path(out)
     _check_out(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         plain_config(model)  # also for models loaded before this fix or built by hand
         model.save_pretrained(tmp)
+        portable_config_file(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report.save_json(tmp / "report.json")
-        if out.exists():  # replace: move the old one aside first, so a failure leaves one complete directory
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

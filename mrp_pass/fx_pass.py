@@ -18,13 +18,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +31,8 @@ import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx._pytree import tree_flatten_spec
 from torch.fx.node import map_arg
+
+from export.atomic import atomic_write_text
 
 from .config import UNSET, PruneConfig, matches
 from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
@@ -100,18 +100,8 @@ class PruneReport:
         }
 
     def save_json(self, path: str | os.PathLike) -> None:
-        """Write the report atomically (a temporary file in the same directory, then os.replace)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        """Write the report atomically (readers see the old file or the new one)."""
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __str__(self) -> str:
         width = max([len(layer.name) for layer in self.layers] + [5])
@@ -661,15 +651,20 @@ def _no_kv_cache(model: nn.Module):
 
 @contextlib.contextmanager
 def _quiet_torch_logs():
-    """torch.export logs symbolic-shape warnings and prints partial graphs to stderr when a model cannot be
-    exported; the fallback makes that an ordinary event, and both errors are in the message if it fails."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
+    """torch.export logs symbolic-shape warnings and prints partial graphs to stderr (torch/export/_trace.py)
+    when a model cannot be exported; the fallback makes that an ordinary event, and both errors are in the
+    message if it fails. Only torch's own loggers are quieted, and only while exporting."""
+    names = [n for n in logging.root.manager.loggerDict if n == "torch" or n.startswith("torch.")]
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
-        logging.disable(previous)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> fx.GraphModule:

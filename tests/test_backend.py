@@ -362,3 +362,54 @@ def test_unavailable_engine_fails_clearly(tmp_path):
 
 # ----------------------------------------------------------------------------------------------
 # GPU engines: choice, settings and eligibility logic without a GPU
+
+
+# ----------------------------------------------------------------------------------------------
+# Every option reaches its target
+
+
+def test_pass_options_reach_the_solver_and_the_pass(tmp_path, monkeypatch):
+    import mrp_pass.fx_pass as fx_pass
+
+    solved, configs = [], []
+    real_solve, real_run = fx_pass.solve, fx_pass._run_pass
+
+    def spy_solve(weight, hessian, sparsity, method, blocksize, percdamp, **kwargs):
+        solved.append((str(sparsity), method, blocksize, percdamp, kwargs))
+        return real_solve(weight, hessian, sparsity, method, blocksize, percdamp, **kwargs)
+
+    def spy_run(gm, calibration, config, **kwargs):
+        configs.append(config)
+        return real_run(gm, calibration, config, **kwargs)
+
+    monkeypatch.setattr(fx_pass, "solve", spy_solve)
+    monkeypatch.setattr(fx_pass, "_run_pass", spy_run)
+    options = opts(tmp_path, engine="eager", sparsity="4:8", blocksize=16, percdamp=0.05, mask_rule="sparsegpt",
+                   refit_blocksize=32, swap_iters=1, device="cpu")
+    with torch.no_grad():
+        torch.compile(MLP(), backend="mrp_trt", options=options)(torch.randn(5, 32))
+    assert len(solved) == 3
+    assert all(s == ("4:8", "mrp", 16, 0.05, {"mask_rule": "sparsegpt", "refit_blocksize": 32, "swap_iters": 1})
+               for s in solved), solved
+    assert [c.device for c in configs] == [torch.device("cpu")]
+
+
+def test_mode_reaches_inductor(tmp_path, monkeypatch):
+    import torch._inductor.compile_fx as inductor
+
+    patches, real = [], inductor.compile_fx
+
+    def spy(gm, example_inputs, config_patches=None, **kwargs):
+        patches.append(config_patches)
+        return real(gm, example_inputs, config_patches=config_patches, **kwargs)
+
+    monkeypatch.setattr(inductor, "compile_fx", spy)
+    model = MLP()
+    # torch.compile takes mode or options, not both: the backend reads its mode from options
+    compiled = torch.compile(model, backend="mrp_trt",
+                             options=opts(tmp_path, engine="inductor", mode="max-autotune-no-cudagraphs"))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+    # compile_fx applies its patches and calls itself again without them: the first call is the backend's
+    assert patches and patches[0].get("max_autotune") is True, patches
