@@ -73,6 +73,7 @@ from runtime.graph_engines import ENGINES, GraphRecord, ShapeSpecialised, choose
 
 from . import _dynamo
 from .config import PruneConfig
+from .sparsity import is_nm_sparse
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +117,24 @@ class CompileOptions(PruneConfig):
 
     calibration: an iterable of model inputs (None: the first call's inputs, with a warning); engine: one of
     runtime.graph_engines.ENGINES; dtype: the engine's precision (None: the model's, fp16 for tensorrt and
-    torch-sparse); output_dir: where engine files and report.json go; mode: torch.compile's mode (inductor)."""
+    torch-sparse); output_dir: where engine files and report.json go; mode: torch.compile's mode (inductor);
+    max_engines: input signatures one graph builds a shape-specialised engine (ONNX / TensorRT / inductor) for;
+    later signatures run the frozen graph eagerly, so text generation (a new length every step) neither
+    rebuilds at every step nor fills the disk (at most max_engines files per graph, about the model's size each)."""
 
     calibration: Any = None
     engine: str = "auto"
     dtype: torch.dtype | None = None
     output_dir: Path = Path("mrp_trt_out")
     mode: str | None = None
+    max_engines: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; valid modes: " + ", ".join(m for m in MODES if m))
+        if isinstance(self.max_engines, bool) or not isinstance(self.max_engines, int) or self.max_engines < 1:
+            raise ValueError(f"max_engines must be a positive integer, got {self.max_engines!r}")
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; valid engines: {', '.join(ENGINES)}")
         dtype = None if self.dtype is None else parse_dtype(self.dtype)
@@ -298,6 +305,25 @@ def _first_call_calibration(call: _dynamo.CompileCall, root: nn.Module | None) -
     return [args[0] if len(args) == 1 and isinstance(args[0], torch.Tensor) else tuple(args)]
 
 
+def _already_pruned(model: nn.Module, opts: CompileOptions) -> list[str]:
+    """Names of the linear weights (any 2-D weight a linear-like module holds) already in the configured pattern:
+    a dense trained weight never is, so one of them means the model was pruned before."""
+    sp = opts.sparsity
+    found = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or not bool(w.any()) or isinstance(module, nn.Embedding):
+            continue
+        w = w.detach()
+        if sp.structured:
+            hit = any(v.shape[-1] % sp.m == 0 and is_nm_sparse(v, sp.n, sp.m) for v in (w, w.T))
+        else:
+            hit = bool(((w == 0).float().mean(1) >= sp.fraction - 1e-6).all())
+        if hit:
+            found.append(name)
+    return found
+
+
 def _prune_model(call: _dynamo.CompileCall, weights: list[torch.Tensor], opts: CompileOptions) -> BackendReport | None:
     """Prune the model being called unless its weights already are; returns its report (None: no model found)."""
     from .fx_pass import prune
@@ -320,9 +346,14 @@ def _prune_model(call: _dynamo.CompileCall, weights: list[torch.Tensor], opts: C
             return report
         report = BackendReport(model=type(key).__name__, output_dir=str(opts.output_dir.resolve()),
                                options=opts.to_dict())
+        already = _already_pruned(target, opts)
         if any(t in _PRUNED for t in state):
             report.notes.append("some weights of this model were pruned before (another compiled part): not pruned "
                                 "again")
+        elif already:
+            report.notes.append(f"{len(already)} linear weights already follow the {opts.sparsity} pattern (pruned "
+                                "before, e.g. by mrp_pass.prune): the model is kept as it is, not pruned again")
+            log.warning("mrp_trt: %s", report.notes[-1])
         else:
             calibration = opts.calibration
             if calibration is None:
@@ -491,7 +522,8 @@ class CompiledGraph:
             record.notes.append(f"engine dtype {str(dtype).removeprefix('torch.')} (inputs cast, outputs cast back)")
         stem = f"graph{self.graph_id.replace('/', '_')}_{self.builds}"
         opts.output_dir.mkdir(parents=True, exist_ok=True)
-        engine = graph_engines.build_engine(engine_name, frozen, record, opts.output_dir, stem, opts.mode)
+        engine = graph_engines.build_engine(engine_name, frozen, record, opts.output_dir, stem, opts.mode,
+                                            opts.max_engines)
         if isinstance(engine, ShapeSpecialised):
             engine.on_built = report.save
         record.seconds = time.perf_counter() - t0

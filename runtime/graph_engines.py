@@ -118,8 +118,9 @@ class ShapeSpecialised:
     """Engines built per input signature (ONNX / TensorRT / inductor graphs are static)."""
 
     def __init__(self, frozen: fx.GraphModule, record: GraphRecord, output_dir: Path, stem: str,
-                 mode: str | None = None) -> None:
+                 mode: str | None = None, max_engines: int = 4) -> None:
         self.frozen, self.record, self.output_dir, self.stem, self.mode = frozen, record, output_dir, stem, mode
+        self.max_engines = max_engines  # signatures past it run the frozen graph eagerly (no file, no rebuild)
         self.built: dict[tuple, Callable[[list], tuple]] = {}
         self.on_built: Callable[[], object] | None = None  # e.g. rewrite the report listing the new file
 
@@ -127,6 +128,11 @@ class ShapeSpecialised:
         sig = tuple((tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else ("v", a)
                     for a in args)
         run = self.built.get(sig)
+        if run is None and len(self.built) >= self.max_engines:
+            if not any("max_engines" in n for n in self.record.notes):
+                self.record.notes.append(f"{self.max_engines} input signatures built (max_engines); further "
+                                         "signatures run the frozen graph eagerly")
+            return _as_tuple(self.frozen(*args))
         if run is None:
             tag = hashlib.sha1(repr(sig).encode()).hexdigest()[:8]
             tensors = [a for a in args if isinstance(a, torch.Tensor)]
@@ -251,16 +257,17 @@ def torch_sparse_engine(frozen: fx.GraphModule, record: GraphRecord) -> EagerEng
 
 
 def build_engine(engine: str, frozen: fx.GraphModule, record: GraphRecord, output_dir: Path, stem: str,
-                 mode: str | None = None) -> Callable[[list], tuple]:
-    """The engine `engine` (a name from ENGINES, not "auto") for a frozen graph."""
+                 mode: str | None = None, max_engines: int = 4) -> Callable[[list], tuple]:
+    """The engine `engine` (a name from ENGINES, not "auto") for a frozen graph; the shape-specialised ones
+    build for at most `max_engines` input signatures."""
     if engine == "eager":
         return EagerEngine(frozen)
     if engine == "inductor":
-        return InductorEngine(frozen, record, output_dir, stem, mode)
+        return InductorEngine(frozen, record, output_dir, stem, mode, max_engines)
     if engine == "onnxruntime":
-        return OnnxGraphEngine(frozen, record, output_dir, stem)
+        return OnnxGraphEngine(frozen, record, output_dir, stem, max_engines=max_engines)
     if engine == "tensorrt":
-        return TensorRTGraphEngine(frozen, record, output_dir, stem)
+        return TensorRTGraphEngine(frozen, record, output_dir, stem, max_engines=max_engines)
     if engine == "torch-sparse":
         return torch_sparse_engine(frozen, record)
     raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(e for e in ENGINES if e != 'auto')}")

@@ -413,3 +413,32 @@ def test_mode_reaches_inductor(tmp_path, monkeypatch):
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
     # compile_fx applies its patches and calls itself again without them: the first call is the backend's
     assert patches and patches[0].get("max_autotune") is True, patches
+
+
+def test_a_model_pruned_before_is_kept_not_pruned_again(tmp_path, monkeypatch):
+    import mrp_pass.fx_pass as fx_pass
+
+    model = MLP()
+    prune(model, calibration(), progress=False)
+    before = {k: v.clone() for k, v in linears(model).items()}
+    calls = []
+    monkeypatch.setattr(fx_pass, "_run_pass", lambda *a, **k: calls.append(a))
+    compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, engine="eager"))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    assert calls == [] and all(torch.equal(v, before[k]) for k, v in linears(model).items())
+    assert any("already follow the 2:4 pattern" in n for n in backend.report_for(model).notes)
+
+
+def test_shape_specialised_engines_are_bounded(tmp_path):
+    model = MLP()
+    compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, engine="onnxruntime", max_engines=1))
+    with torch.no_grad():
+        for rows in (3, 5, 7, 9):
+            x = torch.randn(rows, 32)
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+    files = sorted(tmp_path.glob("*.onnx"))
+    graphs = backend.report_for(model).graphs
+    assert len(files) == len(graphs) <= 2  # one per compiled graph: dynamo's static first graph, then a dynamic one
+    assert any("max_engines" in n for g in graphs for n in g.notes)
