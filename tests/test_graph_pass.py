@@ -387,6 +387,7 @@ def test_tied_embedding_head_skipped_even_when_filtered_in():
     head = next(layer for layer in report.layers if layer.name == "lm_head")
     assert "tied" in head.skipped and "embedding" in head.skipped
     assert torch.equal(model.model.embed_tokens.weight, emb)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 
 def test_layer_filter_names_regex_and_callable():
