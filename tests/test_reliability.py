@@ -385,11 +385,14 @@ def test_inf_activations_midway_roll_back_and_name_the_layer():
     assert_bit_identical(model, before)
 
 
+LAYER_0 = [r"^model\.layers\.0\."]  # 7 linears of every shape, half the mrp solves of the whole tiny Llama
+
+
 def test_one_very_short_sample_warns_rank_deficient():
     model = tiny_llama()
     with pytest.warns(UserWarning, match=r"H is rank-deficient .* only 3 calibration tokens for 64 inputs"):
-        report = prune(model, [torch.randint(0, VOCAB, (1, 3))], progress=False)
-    assert report.pruned and any("rank-deficient" in n for n in report.notes)
+        report = prune(model, [torch.randint(0, VOCAB, (1, 3))], layer_filter=LAYER_0, progress=False)
+    assert len(report.pruned) == 7 and any("rank-deficient" in n for n in report.notes)
     for layer in report.pruned:
         assert torch.isfinite(model.get_parameter(layer.target)).all()
 
@@ -476,7 +479,8 @@ def test_linalg_error_names_the_layer(monkeypatch):
 
 def test_same_inputs_same_bits():
     a, b = tiny_llama(), tiny_llama()
-    ra = prune(a, ids(), method="mrp", progress=False)
-    rb = prune(b, ids(), method="mrp", progress=False)
+    ra = prune(a, ids(), method="mrp", layer_filter=LAYER_0, progress=False)
+    rb = prune(b, ids(), method="mrp", layer_filter=LAYER_0, progress=False)
+    assert len(ra.pruned) == 7
     assert_bit_identical(a, state(b))
     assert [layer.loss for layer in ra.layers] == [layer.loss for layer in rb.layers]
