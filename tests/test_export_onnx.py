@@ -6,50 +6,37 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
+from tiny_models import VOCAB, mask_24, prune_24, tiny_llama
 
 from export import to_onnx
 from export.onnx_check import check_onnx_2_4
-from mrp_pass import Sparsity, is_nm_sparse
+from mrp_pass import is_nm_sparse
 
 ATOL_FP32 = 1e-4  # fp32 ONNX Runtime vs PyTorch logits (observed ~2e-7)
 ATOL_FP16 = 2e-2  # fp16 graph vs fp32 PyTorch on O(1) outputs
 
 
-def prune_24(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> None:
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name not in skip:
-                mod.weight.mul_(Sparsity(n=2, m=4).mask(mod.weight.abs().float()).to(mod.weight.dtype))
+@pytest.fixture(scope="module")
+def pruned_llama():
+    return prune_24(tiny_llama())
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).eval()
-    prune_24(model)
-    return model
-
-
-@pytest.fixture(scope="module")
-def llama_onnx(tiny_llama, tmp_path_factory):
+def llama_onnx(pruned_llama, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "llama.onnx"
-    return path, to_onnx(tiny_llama, torch.randint(0, 128, (1, 16)), path)
+    return path, to_onnx(pruned_llama, torch.randint(0, VOCAB, (1, 16)), path)
 
 
-def test_llama_onnx_matches_torch_on_two_shapes(tiny_llama, llama_onnx):
+def test_llama_onnx_matches_torch_on_two_shapes(pruned_llama, llama_onnx):
     path, report = llama_onnx
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [i.name for i in session.get_inputs()] == ["input_ids"]
     assert [o.name for o in session.get_outputs()] == ["logits"]
     for shape in [(1, 16), (3, 7)]:  # the second shape proves batch and sequence are dynamic
-        ids = torch.randint(0, 128, shape)
+        ids = torch.randint(0, VOCAB, shape)
         got = session.run(None, {"input_ids": ids.numpy()})[0]
         with torch.no_grad():
-            ref = tiny_llama(ids).logits.numpy()
+            ref = pruned_llama(ids).logits.numpy()
         assert got.shape == ref.shape
         np.testing.assert_allclose(got, ref, atol=ATOL_FP32, rtol=0)
     assert report.dynamic_axes == {"input_ids": {0: "batch", 1: "seq"}}
@@ -95,7 +82,7 @@ def _graph(nodes, inits, path):
 
 def test_check_follows_op_semantics_and_transposes(tmp_path):
     w = torch.randn(4, 8)  # torch layout [out, in]
-    w24 = w * Sparsity(n=2, m=4).mask(w.abs())
+    w24 = w * mask_24(w)
     assert is_nm_sparse(w24)
     inits = [numpy_helper.from_array(w24.T.numpy().copy(), "w_in_out"),  # MatMul B [in, out]: groups on axis 0
              numpy_helper.from_array(w24.numpy(), "w_out_in"),  # via Transpose -> also fine
@@ -119,7 +106,7 @@ def test_check_follows_op_semantics_and_transposes(tmp_path):
 
 def test_check_flags_pattern_on_the_wrong_axis(tmp_path):
     w = torch.randn(8, 8)
-    w24 = (w * Sparsity(n=2, m=4).mask(w.abs())).numpy()  # 2:4 along axis 1 only
+    w24 = (w * mask_24(w)).numpy()  # 2:4 along axis 1 only
     assert not is_nm_sparse(torch.from_numpy(w24.T.copy()))
     _graph([helper.make_node("MatMul", ["x", "w"], ["y"])], [numpy_helper.from_array(w24, "w")], tmp_path / "g.onnx")
     (check,) = check_onnx_2_4(str(tmp_path / "g.onnx"))

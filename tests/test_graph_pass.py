@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tiny_models import VOCAB, tiny_llama
 from torch import nn
 
-from mrp_pass import Hessian, find_linears, is_nm_sparse, prune, prune_graph, solve
+from mrp_pass import Hessian, find_linears, is_nm_sparse, parse_sparsity, prune, prune_graph, solve
 
 transformers = pytest.importorskip("transformers")
 prune_module = importlib.import_module("mrp_pass.fx_pass")
@@ -37,10 +37,23 @@ def check_pruned(model, report, before: dict, untouched=("lm_head",)):
         assert torch.equal(model.get_submodule(name).weight, before[name]), name
 
 
-def run_and_check(model, ids, ref):
-    out = model(ids).logits
-    assert torch.isfinite(out).all()
-    assert not torch.allclose(out, ref)
+def check_against_reference(model, fresh, calibration, method, report, ids=None, exclude=("lm_head",), feeds=None):
+    """`model` (pruned by the pass) equals `fresh()` pruned by the hook reference below, and every layer's
+    reported relative error is the reference's and below magnitude pruning's on the same layer and calibration
+    (sparsegpt / mrp compensate, magnitude does not): fails for a wrong Hessian, group, axis or write-back."""
+    ref = fresh()
+    errors = reference_prune(ref, calibration, method, exclude=exclude, feeds=feeds)
+    # Same ops on the same tensors in the same order: equal up to float32 summation noise.
+    for (name, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+    assert [layer.name for layer in report.pruned] == list(errors)
+    for layer in report.pruned:
+        ours, magnitude = errors[layer.name]
+        assert layer.relative_error == pytest.approx(ours, rel=1e-3, abs=1e-7), layer.name
+        assert layer.relative_error < magnitude, (layer.name, layer.relative_error, magnitude)
+    if ids is not None:
+        out = model(ids)
+        assert torch.isfinite(out.logits if hasattr(out, "logits") else out).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -50,7 +63,6 @@ def run_and_check(model, ids, ref):
 def test_llama_every_linear_but_lm_head():
     model = tiny_llama()
     before, ids = linear_weights(model), windows(1, seed=9)[0]
-    ref = model(ids).logits
     report = prune(model, windows(), method="sparsegpt", progress=False)
     names = [layer.name for layer in report.pruned]
     assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
@@ -58,17 +70,35 @@ def test_llama_every_linear_but_lm_head():
     assert [layer.name for layer in report.skipped] == ["lm_head"]
     assert "vocabulary" in report.skipped[0].skipped
     check_pruned(model, report, before)
-    run_and_check(model, ids, ref)
+    check_against_reference(model, tiny_llama, windows(), "sparsegpt", report, ids)
 
 
-def test_gpt2_conv1d_addmm_and_tied_head():
+def gpt2():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
                                   bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def opt():
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, vocab_size=VOCAB,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
+                                 pad_token_id=1, bos_token_id=0, eos_token_id=0)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+def mamba():
+    torch.manual_seed(0)
+    cfg = transformers.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, expand=2,
+                                   conv_kernel=4, time_step_rank=4)
+    return transformers.MambaForCausalLM(cfg).eval()
+
+
+def test_gpt2_conv1d_addmm_and_tied_head():
+    model = gpt2()
     before, ids = linear_weights(model), windows(1, seed=9)[0]
     wte = model.transformer.wte.weight.detach().clone()
-    ref = model(ids).logits
     report = prune(model, windows(), method="sparsegpt", progress=False)
     assert len(report.pruned) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
     assert all(layer.target.startswith("transformer.h.") for layer in report.pruned)
@@ -76,36 +106,30 @@ def test_gpt2_conv1d_addmm_and_tied_head():
     assert c_attn.shape == (192, 64)  # seen as a linear's [out, in]; stored as Conv1D's [in, out]
     check_pruned(model, report, before)
     assert torch.equal(model.transformer.wte.weight, wte)  # tied to lm_head: never pruned
-    run_and_check(model, ids, ref)
+    check_against_reference(model, gpt2, windows(), "sparsegpt", report, ids)
 
 
 def test_opt():
-    torch.manual_seed(0)
-    cfg = transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, vocab_size=VOCAB,
-                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64,
-                                 pad_token_id=1, bos_token_id=0, eos_token_id=0)
-    model = transformers.OPTForCausalLM(cfg).eval()
+    model = opt()
     before, ids = linear_weights(model), windows(1, seed=9)[0]
-    ref = model(ids).logits
     report = prune(model, windows(), method="sparsegpt", progress=False)
     assert len(report.pruned) == 12  # q, k, v, out_proj, fc1, fc2 per layer
     check_pruned(model, report, before)
-    run_and_check(model, ids, ref)
+    check_against_reference(model, opt, windows(), "sparsegpt", report, ids)
 
 
 def test_mamba():
-    torch.manual_seed(0)
-    cfg = transformers.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, expand=2,
-                                   conv_kernel=4, time_step_rank=4)
-    model = transformers.MambaForCausalLM(cfg).eval()
+    model = mamba()
     before, ids = linear_weights(model), windows(1, seqlen=8, seed=9)[0]
-    ref = model(ids).logits
     report = prune(model, windows(seqlen=8), method="sparsegpt", progress=False)
     names = {layer.name.rsplit(".", 1)[-1] for layer in report.pruned}
     assert names == {"in_proj", "x_proj", "dt_proj", "out_proj"}
     assert len(report.pruned) == 8
     check_pruned(model, report, before)
-    run_and_check(model, ids, ref)
+    # dt_proj's weight is used by hand (dt_proj.weight @ time_step.T): its input is x_proj's output[..., :rank]
+    feeds = {f"backbone.layers.{i}.mixer.dt_proj": (f"backbone.layers.{i}.mixer.x_proj", lambda out: out[..., :4])
+             for i in range(2)}
+    check_against_reference(model, mamba, windows(seqlen=8), "sparsegpt", report, ids, feeds=feeds)
 
 
 class MLP(nn.Module):
@@ -138,16 +162,18 @@ def xs(n: int = 4, rows: int = 32, width: int = 16, seed: int = 2) -> list[torch
     return [torch.randn(rows, width, generator=gen) for _ in range(n)]
 
 
-def test_plain_mlp_all_layers_pruned():
+def mlp() -> MLP:
     torch.manual_seed(0)
-    model = MLP()
-    ref = model(xs(1, seed=5)[0])
+    return MLP()
+
+
+def test_plain_mlp_all_layers_pruned():
+    model = mlp()
     report = prune(model, xs(), method="mrp", progress=False)
     assert [layer.name for layer in report.pruned] == ["fc1", "fc2", "fc3"]  # no vocabulary: the last one too
     for name in ("fc1", "fc2", "fc3"):
         assert is_nm_sparse(getattr(model, name).weight)
-    out = model(xs(1, seed=5)[0])
-    assert torch.isfinite(out).all() and not torch.allclose(out, ref)
+    check_against_reference(model, mlp, xs(), "mrp", report, xs(1, seed=5)[0], exclude=())
 
 
 @pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
@@ -183,15 +209,30 @@ def test_prune_graph_nested_get_attr_on_export():
 # Equivalence with an independent reference: forward hooks on nn.Linear, one group at a time.
 
 
-def reference_prune(model: nn.Module, calibration: list, method: str, exclude=("lm_head",)) -> None:
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in exclude}
+def reference_prune(model: nn.Module, calibration: list, method: str, sparsity="2:4", exclude=("lm_head",),
+                    feeds=None) -> dict[str, tuple[float, float]]:
+    """Prune every nn.Linear and GPT-2 Conv1D (weight [in, out]) not in `exclude`, from forward hooks; return
+    {name: (relative error of `method`, relative error of magnitude pruning on the same Hessian)}.
+    feeds: {name: (source module, f)} for a layer whose weight the model uses by hand (Mamba's dt_proj):
+    its input is f(the source's output)."""
+    conv1d = transformers.pytorch_utils.Conv1D
+    feeds = feeds or {}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, conv1d)) and n not in exclude}
+
+    def on_input(name, fn):
+        if name in feeds:
+            source, take = feeds[name]
+            return model.get_submodule(source).register_forward_hook(lambda m, a, out: fn(take(out)))
+        return linears[name].register_forward_pre_hook(lambda m, a: fn(a[0]))
+
     # Execution order and input identity, from one recorded forward: linears fed the very same tensor form a group.
     seen, order = [], []
-    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: order.append((n, a[0]))) for n, m in linears.items()]
+    hooks = [on_input(n, lambda x, n=n: order.append((n, x))) for n in linears]
     with torch.no_grad():
         model(calibration[0])
     for h in hooks:
         h.remove()
+    assert sorted(n for n, _ in order) == sorted(linears), "a layer the hooks do not see: give its feed"
     groups: list[list[str]] = []
     for name, x in order:
         for i, y in enumerate(seen):
@@ -201,28 +242,94 @@ def reference_prune(model: nn.Module, calibration: list, method: str, exclude=("
         else:
             seen.append(x)
             groups.append([name])
+    errors = {}
     for group in groups:
-        hessian = Hessian(linears[group[0]].in_features)
-        hook = linears[group[0]].register_forward_pre_hook(lambda m, a, h=hessian: h.add(a[0]))
+        first = linears[group[0]]
+        hessian = Hessian(first.weight.shape[0] if isinstance(first, conv1d) else first.in_features)
+        hook = on_input(group[0], hessian.add)
         with torch.no_grad():
             for ids in calibration:  # the whole model again: later groups see the already-pruned outputs
-                model(ids)
+                model(ids)  # one sample at a time, as the pass: the same summation order, so the same masks
         hook.remove()
         for name in group:
-            w = linears[name].weight
+            stored = linears[name].weight
+            w = stored.T if isinstance(linears[name], conv1d) else stored
+            result = solve(w, hessian.matrix, sparsity, method)
+            errors[name] = (result.relative_error, solve(w, hessian.matrix, sparsity, "magnitude").relative_error)
             with torch.no_grad():
-                w.copy_(solve(w, hessian.matrix, "2:4", method).weight)
+                w.copy_(result.weight)  # a transposed view writes through to Conv1D's stored [in, out]
+    return errors
 
 
-@pytest.mark.parametrize("method", ["sparsegpt", "mrp"])
-def test_matches_hook_reference(method):
+def test_matches_hook_reference_mrp():
+    """The default method on the Llama (sparsegpt on it: test_llama_every_linear_but_lm_head)."""
     calib = windows(4)
-    ours, ref = tiny_llama(), tiny_llama()
-    prune(ours, calib, method=method, progress=False)
-    reference_prune(ref, calib, method)
-    # Same ops on the same tensors in the same order: equal up to float32 summation noise.
-    for (name, a), b in zip(ours.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+    ours = tiny_llama()
+    report = prune(ours, calib, method="mrp", progress=False)
+    check_against_reference(ours, tiny_llama, calib, "mrp", report)
+
+
+# ----------------------------------------------------------------------------------------------
+# Other patterns and calibration iterables
+
+
+@pytest.mark.parametrize("sparsity", ["4:8", "1:4", 0.5], ids=str)
+def test_other_patterns_through_prune(sparsity, monkeypatch):
+    """4:8, 1:4 and unstructured 50% on every pruned layer along its inputs, the report saying so, each layer's
+    error below magnitude pruning's on the same Hessian, the LM head and embedding untouched."""
+    sp = parse_sparsity(sparsity)
+    errors, real = [], prune_module.solve
+
+    def spy(weight, hessian, pattern, method, *args, **kwargs):
+        result = real(weight, hessian, pattern, method, *args, **kwargs)
+        errors.append((result.relative_error, real(weight, hessian, pattern, "magnitude").relative_error))
+        return result
+
+    monkeypatch.setattr(prune_module, "solve", spy)
+    model = tiny_llama()
+    before = linear_weights(model)
+    emb = model.model.embed_tokens.weight.detach().clone()
+    report = prune(model, windows(4, seqlen=32), sparsity, method="sparsegpt", progress=False)
+    assert report.sparsity == {"4:8": "4:8", "1:4": "1:4", 0.5: "50%"}[sparsity]
+    assert len(report.pruned) == 14 and [layer.name for layer in report.skipped] == ["lm_head"]
+    weights = [model.get_parameter(layer.target) for layer in report.pruned]
+    for layer, w in zip(report.pruned, weights):
+        zeros = (w == 0).float()
+        if sp.structured:
+            assert is_nm_sparse(w, sp.n, sp.m), layer.name
+        else:  # the same share of every row
+            assert torch.equal(zeros.sum(1), torch.full((w.shape[0],), w.shape[1] * 0.5)), layer.name
+        assert layer.sparsity == pytest.approx(1 - sp.density) == pytest.approx(float(zeros.mean())), layer.name
+    if sparsity != "1:4":  # 2:4 would meet 4:8 and leave half of every row: the pattern asked for, not 2:4
+        assert not all(is_nm_sparse(w, 2, 4) for w in weights)
+    assert [layer.relative_error for layer in report.pruned] == [ours for ours, _ in errors]
+    assert all(ours < magnitude for ours, magnitude in errors), errors
+    assert torch.equal(model.lm_head.weight, before["lm_head"])
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+
+
+def test_generator_calibration_is_read_once_and_equals_the_list():
+    calib, served = windows(4), []
+
+    def samples():
+        for x in calib:
+            served.append(x)
+            yield x
+
+    from_list, from_generator = tiny_llama(), tiny_llama()
+    expected = prune(from_list, calib, method="sparsegpt", progress=False)
+    gen = samples()
+    report = prune(from_generator, gen, method="sparsegpt", progress=False)
+    assert len(served) == 4 and next(gen, None) is None and report.samples == 4
+    assert [layer.loss for layer in report.layers] == [layer.loss for layer in expected.layers]
+    for (name, a), b in zip(from_generator.state_dict().items(), from_list.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    plain, streamed = mlp(), mlp()  # prune_graph too
+    prune_graph(torch.fx.symbolic_trace(plain), xs(), method="sparsegpt", progress=False)
+    prune_graph(torch.fx.symbolic_trace(streamed), (x for x in xs()), method="sparsegpt", progress=False)
+    for (name, a), b in zip(streamed.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -280,6 +387,7 @@ def test_tied_embedding_head_skipped_even_when_filtered_in():
     head = next(layer for layer in report.layers if layer.name == "lm_head")
     assert "tied" in head.skipped and "embedding" in head.skipped
     assert torch.equal(model.model.embed_tokens.weight, emb)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
 
 
 def test_layer_filter_names_regex_and_callable():

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from mrp_pass.pipeline import main
 
 
+@pytest.mark.slow  # about 25 s on 2 busy cores (prune, two ONNX exports, perplexity, benchmark): -m slow
 def test_pipeline_on_tiny_model(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["--model", str(tiny_dir), "--method", "mrp", "--calib-samples", "4", "--calib-seqlen", "32",
@@ -22,8 +25,6 @@ def test_pipeline_on_tiny_model(tiny_dir, tmp_path, capsys):
 
 
 def test_pipeline_rejects_bad_options_before_loading(capsys):
-    import pytest
-
     with pytest.raises(ValueError, match="3:2"):
         main(["--sparsity", "3:2"])
     with pytest.raises(SystemExit):

@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from tiny_models import VOCAB, prune_24, tiny_llama
 
 from export import save_compressed, to_onnx
-from mrp_pass import Sparsity, cli
+from mrp_pass import cli
 from runtime import OnnxEngine, TorchEngine, choose_providers, load
 from runtime.engines import provider_notes
 
@@ -14,9 +15,8 @@ from runtime.engines import provider_notes
 @pytest.fixture(scope="module")
 def mlp_onnx(tmp_path_factory):
     torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
-    with torch.no_grad():
-        mlp[0].weight.mul_(Sparsity(n=2, m=4).mask(mlp[0].weight.abs()))
+    mlp = prune_24(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval(),
+                   skip=("2",))
     d = tmp_path_factory.mktemp("eng")
     to_onnx(mlp, torch.randn(2, 32), d / "mlp.onnx")
     return mlp, d / "mlp.onnx"
@@ -38,17 +38,12 @@ def test_onnx_engine_called_like_the_model(mlp_onnx):
 
 
 def test_compressed_checkpoint_engine(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=96, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).eval()
-    save_compressed(model, tmp_path / "ck")
+    model = prune_24(tiny_llama())  # 2:4 layers: the engine decompresses values + bitmask
+    assert len(save_compressed(model, tmp_path / "ck").compressed_layers) == 14
     engine = load(tmp_path / "ck")
     assert isinstance(engine, TorchEngine) and engine.kind == "compressed checkpoint"
     (ids,) = engine.example_inputs(2, 5)
-    assert ids.shape == (2, 5) and int(ids.max()) < 96
+    assert ids.shape == (2, 5) and int(ids.max()) < VOCAB
     with torch.no_grad():
         torch.testing.assert_close(engine(ids), model(ids).logits)
 
