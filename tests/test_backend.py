@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 from torch import nn
 
 import mrp_pass.backend as backend
@@ -141,15 +142,6 @@ def test_mlp_auto_runs_on_onnxruntime_with_engine_file_and_report(tmp_path):
     assert [layer["name"] for layer in saved["prune"]["layers"]] == ["fc1", "fc2", "out"]
     assert any("3/3 2:4 weights verified in the file" in n for n in saved["graphs"][0]["notes"])
     assert all(is_nm_sparse(v) for k, v in model.state_dict().items() if k.endswith("weight"))
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).eval()
 
 
 def test_tiny_llama_auto(tmp_path):

@@ -6,24 +6,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_models import prune_24, tiny_llama
 
 from export import load_compressed, save_compressed
 from export.compressed import compress_24, decompress_24
-from mrp_pass import Sparsity
 
 
 def _tiny_llama(dtype=torch.float16):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).eval().to(dtype)
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                mod.weight.mul_(Sparsity(n=2, m=4).mask(mod.weight.abs().float()).to(dtype))
-    return model
+    """The shared tiny Llama with 2:4 (magnitude) linears but the head, in `dtype`."""
+    return prune_24(tiny_llama()).to(dtype)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -155,12 +146,7 @@ def _loaded_from_disk(tmp_path, rope_scaling):
                       num_key_value_heads=2, vocab_size=128, max_position_embeddings=256, rope_theta=100000.0,
                       tie_word_embeddings=True, **kwargs)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float16).eval()
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                mod.weight.mul_(Sparsity(n=2, m=4).mask(mod.weight.abs().float()).to(mod.weight.dtype))
-    return model
+    return prune_24(AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float16).eval())
 
 
 def _assert_portable(config: dict, text: str, tmp_path, rope_scaling) -> None:
