@@ -23,8 +23,10 @@ compressed-tensors releases dropped it (README, "Compressed checkpoints: who rea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -277,7 +279,17 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or foreign?): {e}") from None
 
 
-def _model_from_config(config: dict, directory: Path, dtype: torch.dtype) -> nn.Module:
+def _no_init_weights():
+    """transformers' context that skips weight initialisation (5.x: transformers.initialization; 4.x:
+    modeling_utils): a skeleton's weights are then untouched allocations, never resident until written."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
+def _model_from_config(config: dict, directory: Path, dtype: torch.dtype, empty: bool = False) -> nn.Module:
     if "model_type" not in config:
         raise ValueError(f"{directory / CONFIG_FILE}: no model_type (not a Hugging Face config); "
                          "pass the model instance: load_compressed(dir, model=...)")
@@ -285,14 +297,23 @@ def _model_from_config(config: dict, directory: Path, dtype: torch.dtype) -> nn.
 
     kwargs = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
     # built in the stored dtype, as from_pretrained(dtype=...) would, so unsaved buffers match the weights
-    return AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **kwargs), dtype=dtype)
+    hf_config = AutoConfig.for_model(config["model_type"], **kwargs)
+    with _no_init_weights() if empty else contextlib.nullcontext():
+        return AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
 
 
-def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None) -> nn.Module:
+SparseModule = Callable[[str, torch.Tensor, torch.Tensor, tuple[int, int], "torch.Tensor | None"], "nn.Module | None"]
+
+
+def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None,
+                    sparse_module: SparseModule | None = None) -> nn.Module:
     """Decompress a checkpoint written by save_compressed (or compressed-tensors, same format) into a model.
 
     Without `model`, a Hugging Face model is rebuilt from config.json and takes the stored tensors as they are
-    (dtype included). With `model`, its tensors are overwritten in place (copied to its dtype / device)."""
+    (dtype included). With `model`, its tensors are overwritten in place (copied to its dtype / device).
+    `sparse_module(name, values, bitmask, (rows, cols), bias)`: a module to run a compressed linear straight from
+    its stored form (a sparse kernel), or None to decompress it; such weights are never made dense (the rebuilt
+    model's skeleton is not initialised, so its unused dense weights are never written, hence never resident)."""
     directory = Path(directory)
     config = read_config(directory)
     sparsity = (config.get("quantization_config") or {}).get("sparsity_config") or {}
@@ -300,14 +321,21 @@ def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None
         raise ValueError(f"{directory / CONFIG_FILE}: sparsity_config.format is {sparsity.get('format')!r}, "
                          f"expected {FORMAT!r}")
     raw, metadata = _read_tensors(directory / WEIGHTS_FILE)
-    state: dict[str, torch.Tensor] = {}
-    prefixes = {k.rsplit(".", 1)[0] for k in raw if k.endswith(SUFFIXES)}
-    for prefix in prefixes:
+    state: dict[str, torch.Tensor] = {k: v for k, v in raw.items() if not k.endswith(SUFFIXES)}
+    swapped: dict[str, nn.Module] = {}  # module path -> the module sparse_module built for it
+    for prefix in sorted({k.rsplit(".", 1)[0] for k in raw if k.endswith(SUFFIXES)}):  # a module path
         parts = [raw.get(prefix + s) for s in SUFFIXES]
         if any(p is None for p in parts):
             raise ValueError(f"{directory / WEIGHTS_FILE}: {prefix} lacks one of {', '.join(SUFFIXES)}")
-        state[f"{prefix}.weight"] = decompress_24(*parts, where=f"{directory / WEIGHTS_FILE}: {prefix}")
-    state.update({k: v for k, v in raw.items() if not k.endswith(SUFFIXES)})
+        shape, values, bitmask = parts
+        module = None
+        if sparse_module is not None:
+            rows, cols = (int(v) for v in shape.flatten().tolist())
+            module = sparse_module(prefix, values, bitmask, (rows, cols), state.get(f"{prefix}.bias"))
+        if module is not None:
+            swapped[prefix] = module
+        else:
+            state[f"{prefix}.weight"] = decompress_24(*parts, where=f"{directory / WEIGHTS_FILE}: {prefix}")
     try:
         aliases = json.loads(metadata.get("mrp_aliases", "{}"))
     except json.JSONDecodeError:
@@ -315,7 +343,13 @@ def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None
 
     built = model is None
     if built:
-        model = _model_from_config(config, directory, _stored_dtype(state) or torch.float32)
+        dtype = _stored_dtype(state) or next((v.dtype for k, v in raw.items() if k.endswith(".compressed")),
+                                             torch.float32)
+        model = _model_from_config(config, directory, dtype, empty=bool(sparse_module))
+    for path, module in swapped.items():
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, module)
+        state.pop(f"{path}.bias", None)  # the sparse module holds it
     tied = _tied_head(model, config)
     if tied is not None and tied[0] not in state and tied[1] in state:
         aliases.setdefault(tied[0], tied[1])  # another writer's tied checkpoint: the head is the embedding
@@ -325,7 +359,7 @@ def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None
     missing, unexpected = model.load_state_dict(state, strict=False, assign=built)
     if built and hasattr(model, "tie_weights"):
         model.tie_weights()  # HF ties lm_head to the embedding again when the config says so
-    missing = [k for k in missing if k not in aliases]
+    missing = [k for k in missing if k not in aliases and not any(k.startswith(f"{s}.") for s in swapped)]
     if missing or unexpected:
         hint = ""
         head = _head_key(model)

@@ -241,3 +241,37 @@ def test_missing_weights_still_raise(tmp_path):
     save_file({k: v for k, v in load_file(str(path)).items() if k != "model.norm.weight"}, str(path))
     with pytest.raises(ValueError, match=r"does not match the model: missing \['model\.norm\.weight'\]"):
         load_compressed(tmp_path / "ck")
+
+
+def test_sparse_module_hook_runs_compressed_linears_without_decompressing_them(tmp_path, monkeypatch):
+    import export.compressed as compressed
+
+    class FromBitmask(torch.nn.Module):  # a stand-in sparse kernel: keeps the stored form, decompresses per call
+        def __init__(self, values, bitmask, shape, bias):
+            super().__init__()
+            self.register_buffer("values", values)
+            self.register_buffer("bitmask", bitmask)
+            self.shape, self.bias = shape, bias
+
+        def forward(self, x):
+            w = decompress_24(torch.tensor(self.shape), self.values, self.bitmask)
+            return torch.nn.functional.linear(x, w, self.bias)
+
+    model = _tiny_llama(torch.float32)
+    save_compressed(model, tmp_path / "ck")
+    dense = load_compressed(tmp_path / "ck")
+    made, decompressed = [], []
+    real = compressed.decompress_24
+    monkeypatch.setattr(compressed, "decompress_24", lambda *a, **k: decompressed.append(k.get("where")) or real(*a))
+
+    def sparse_module(name, values, bitmask, shape, bias):
+        made.append(name)
+        return FromBitmask(values, bitmask, shape, bias) if "mlp" in name else None  # attention decompressed
+
+    sparse = load_compressed(tmp_path / "ck", sparse_module=sparse_module)
+    assert len(made) == 14 and sum("mlp" in n for n in made) == 6
+    assert len(decompressed) == 8 and not any("mlp" in w for w in decompressed)
+    assert isinstance(sparse.model.layers[0].mlp.up_proj, FromBitmask)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, dense(ids).logits)
