@@ -14,7 +14,7 @@ import onnx
 import torch
 from torch import nn
 
-from .atomic import atomic_files
+from .atomic import atomic_files, check_output
 from .eligibility import EligibilityReport, eligibility
 from .onnx_check import InitializerCheck, check_onnx_2_4, fingerprint
 from .pattern import is_nm_sparse
@@ -134,17 +134,19 @@ def quiet_onnx_exporter():
 
 
 def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-            dynamic: bool = True) -> ExportReport:
+            dynamic: bool = True, overwrite: bool = False) -> ExportReport:
     """Export `model` to ONNX: HF causal LMs as input_ids -> logits without KV cache; any other nn.Module with
     all its tensor outputs (or its main output when it returns something else, such as a ModelOutput).
 
     Weights are initializers in the .onnx file, or in `<file>.data` past ~1.8 GiB. After writing, the file passes
     onnx.checker, and every 2-D constant of the model that is 2:4 is located in the file and its pattern checked
-    along its reduction axis; one that lost it raises RuntimeError (the file is not kept). The write is atomic."""
+    along its reduction axis; one that lost it raises RuntimeError (the file is not kept). The write is atomic.
+    An existing file at `path` is replaced only with `overwrite=True` (ValueError before any work)."""
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"ONNX export supports float32 and float16, got {dtype}")
     start = time.perf_counter()
     path = Path(path)
+    check_output(path, overwrite, kind="file", what="path")
     hf = is_hf_causal_lm(model)
     inputs = cast_inputs(as_tuple(example_inputs), dtype)
     if hf and (len(inputs) != 1 or inputs[0].is_floating_point()):

@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from .solvers import check_options
-from .sparsity import Sparsity
+from .sparsity import Sparsity, parse_sparsity
 
 LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str | type] | None
 ON_ERROR = ("rollback", "keep_partial")
@@ -27,6 +27,14 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
+DEFAULT_BLOCKSIZE = 128
+
+
+def default_blocksize(sp: Sparsity) -> int:
+    """128, or for N:M with M not dividing it the largest multiple of M <= 128 (at least M)."""
+    if not sp.structured or DEFAULT_BLOCKSIZE % sp.m == 0:
+        return DEFAULT_BLOCKSIZE
+    return max(sp.m, DEFAULT_BLOCKSIZE // sp.m * sp.m)
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class PruneConfig:
 
     sparsity: Sparsity | str | float = "2:4"
     method: str = "mrp"
-    blocksize: int = 128
+    blocksize: int | None = None
     percdamp: float = 0.01
     layer_filter: LayerFilter = None
     device: str | torch.device | None = None
@@ -52,8 +60,19 @@ class PruneConfig:
     swap_iters: int | None = None
     refit: str | None = None
     solver_dtype: torch.dtype = torch.float32
+    # set when blocksize was not given: which one was chosen and why (shown by the CLI, kept in reports)
+    blocksize_chosen: str | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.blocksize is None:
+            sp = parse_sparsity(self.sparsity)
+            chosen = default_blocksize(sp)
+            object.__setattr__(self, "blocksize", chosen)
+            if chosen != DEFAULT_BLOCKSIZE:
+                object.__setattr__(self, "blocksize_chosen", f"blocksize {chosen}: the largest multiple of "
+                                   f"M={sp.m} <= {DEFAULT_BLOCKSIZE} (no blocksize given)")
+            else:
+                object.__setattr__(self, "blocksize_chosen", f"blocksize {chosen} (the default)")
         sp = check_options(self.sparsity, self.method, self.blocksize, self.percdamp, self.mask_rule, self.refit)
         object.__setattr__(self, "sparsity", sp)
         if self.on_error not in ON_ERROR:
@@ -84,6 +103,8 @@ class PruneConfig:
         if unknown:
             raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {unknown}; valid: {', '.join(valid)}")
         options = {k: v for k, v in options.items() if v is not UNSET}
+        if config is not None and config.blocksize_chosen is not None and "blocksize" not in options:
+            options["blocksize"] = None  # chosen for the old sparsity: choose again for the new one
         return dataclasses.replace(config, **options) if config is not None else cls(**options)
 
     @property

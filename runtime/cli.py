@@ -54,9 +54,13 @@ def plot(rows: list[dict], path: Path, title: str) -> str | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    batches = args.batch if isinstance(args.batch, list) else [int(b) for b in str(args.batch).split(",")
+                                                               if b.strip()]
     if not batches or min(batches) < 1:
         raise ValueError(f"--batch needs positive comma-separated sizes, got {args.batch!r}")
+    from export.atomic import atomic_write_text, check_writable
+
+    out = check_writable(Path(args.out) if args.out else Path(args.engine).resolve().parent)  # before the runs
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = load(args.engine, device=device)
     dense = load(args.dense, device=device) if args.dense else None
@@ -68,12 +72,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result: BenchResult = benchmark(engine, inputs, warmup=args.warmup, iters=args.iters, dense=dense)
         rows.append({"batch": batch, "seqlen": args.seqlen, **result.to_dict()})
     print(format_table(rows))
-    out = Path(args.out) if args.out else Path(args.engine).resolve().parent
     out.mkdir(parents=True, exist_ok=True)
     payload = {"engine": str(args.engine), "provider": engine.provider, "dense": args.dense,
                "dense_provider": dense.provider if dense else None, "device": device, "rows": rows}
-    from export.atomic import atomic_write_text
-
     atomic_write_text(out / "bench.json", json.dumps(payload, indent=2))
     note = plot(rows, out / "bench.png", f"{Path(args.engine).name} vs {Path(args.dense).name if dense else '-'}"
                 f" ({engine.provider}, seqlen {args.seqlen})")
