@@ -190,7 +190,8 @@ def _config_dict(model: nn.Module, dtype: torch.dtype | None) -> dict:
 
 # What save_compressed (and `mrp export --format compressed`, its report) write: an existing directory holding
 # anything else is never replaced.
-OUR_FILES = ("config.json", "model.safetensors", "export_report.json")
+OUR_FILES = ("config.json", "model.safetensors", "export_report.json", "tokenizer*", "special_tokens_map.json",
+             "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*")
 
 
 def save_compressed(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False) -> CompressedReport:

@@ -110,6 +110,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _copy_tokenizer(model: str, out: Path) -> None:
+    from .models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model)
+    except (OSError, ValueError) as e:
+        print(f"note: no tokenizer written next to the checkpoint ({e})")
+        return
+    tokenizer.save_pretrained(out)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from export import eligibility, save_compressed, to_onnx, to_tensorrt
     from export.atomic import atomic_write_text, check_output
@@ -143,6 +154,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         payload = report.to_dict()
     else:
         report = save_compressed(model.to(dtype), out, overwrite=overwrite)
+        _copy_tokenizer(args.model, out)  # so `mrp eval --model OUT` finds one
         elig = eligibility(model, dtype=dtype)
         print(elig.table())
         report_path = out / "export_report.json"

@@ -185,3 +185,40 @@ def test_help_lists_only_real_commands(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert "`run`" not in out and "mrp_pass.pipeline" in out
+
+
+# ---- 11. OSError: one line, not tracebacks; a compressed checkpoint is loaded, not refused
+
+
+def test_unknown_hub_name_offline_fails_at_once(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    assert main(["eval", "--model", "nobody-xyz/no-such-model", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err and "not in the Hugging Face cache" in err and len(err.splitlines()) == 1, err
+    assert time.perf_counter() - t0 < 10
+    import mrp_pass.models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(mrp_pass.models, "hub_reachable", lambda timeout=3.0: False)
+    assert main(["eval", "--model", "nobody-xyz/no-such-model", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and len(err.splitlines()) == 1, err
+
+
+def test_broken_configs_are_one_line_errors_and_eval_reads_compressed(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    ck = tmp_path / "ck"
+    assert main(export_args(tiny_dir, "compressed", ck)) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ck), "--seqlen", "16", "--windows", "1", "--device", "cpu"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    for directory in (broken, ck):
+        (directory / "config.json").write_text("{ not json")
+        assert main(["eval", "--model", str(directory), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mrp eval: error: could not load model") and len(err.splitlines()) == 1, err
+        assert "Traceback" not in err
