@@ -636,17 +636,21 @@ def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float
 
 @contextlib.contextmanager
 def _no_kv_cache(model: nn.Module):
-    """HF models return a KV cache object torch.export cannot flatten; calibration needs none."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "use_cache"):
-        yield
-        return
-    saved = config.use_cache
-    config.use_cache = False
+    """HF models return a KV cache object torch.export cannot flatten; calibration needs none. Every config the
+    model reads is switched off (an encoder-decoder's decoder, T5's, keeps a config of its own), then restored."""
+    configs, seen = [], set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or id(config) in seen or not hasattr(config, "use_cache"):
+            continue
+        seen.add(id(config))
+        configs.append((config, config.use_cache))
+        config.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = saved
+        for config, saved in configs:
+            config.use_cache = saved
 
 
 @contextlib.contextmanager

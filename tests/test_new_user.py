@@ -222,3 +222,23 @@ def test_broken_configs_are_one_line_errors_and_eval_reads_compressed(tiny_dir, 
         err = capsys.readouterr().err
         assert err.startswith("mrp eval: error: could not load model") and len(err.splitlines()) == 1, err
         assert "Traceback" not in err
+
+
+# ---- 12. an encoder-decoder (T5) prunes: its decoder's own config has use_cache off too
+
+
+def test_t5_prunes_and_its_cache_settings_are_restored():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    import mrp_pass
+
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                                vocab_size=64)).eval()
+    caches = {id(m.config): m.config.use_cache for m in model.modules() if hasattr(m, "config")}
+    calib = [dict(input_ids=torch.randint(0, 64, (1, 16)), decoder_input_ids=torch.randint(0, 64, (1, 8)))
+             for _ in range(4)]
+    report = mrp_pass.prune(model, calib, sparsity="2:4", method="sparsegpt", progress=False)
+    assert report.error is None and len(report.pruned) >= 4
+    assert mrp_pass.is_nm_sparse(model.decoder.block[0].layer[-1].DenseReluDense.wo.weight)
+    assert {id(m.config): m.config.use_cache for m in model.modules() if hasattr(m, "config")} == caches
