@@ -242,3 +242,27 @@ def test_t5_prunes_and_its_cache_settings_are_restored():
     assert report.error is None and len(report.pruned) >= 4
     assert mrp_pass.is_nm_sparse(model.decoder.block[0].layer[-1].DenseReluDense.wo.weight)
     assert {id(m.config): m.config.use_cache for m in model.modules() if hasattr(m, "config")} == caches
+
+
+# ---- 6. GPT-2 (Conv1D, weights [in, out]): the report verifies and counts every pruned layer
+
+
+def test_gpt2_onnx_report_verifies_and_counts_every_conv1d(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    import mrp_pass
+    from export import eligibility
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).eval()
+    calib = [torch.randint(0, 64, (1, 16)) for _ in range(4)]
+    report = mrp_pass.prune(model, calib, sparsity="2:4", method="sparsegpt", progress=False)
+    assert len(report.pruned) == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
+    elig = eligibility(model)
+    assert elig.counts()["linear"] == 5 and elig.counts()["2:4"] == 4  # the 4 Conv1D + lm_head (dense)
+    assert "4/5 linear layers are 2:4" in elig.table()
+    onnx_report = to_onnx(model, torch.randint(0, 64, (1, 8)), tmp_path / "gpt2.onnx")
+    verified = [c for c in onnx_report.checks if c.layer and c.is_2_4]
+    assert onnx_report.ok and len(onnx_report.pruned_layers) == 4 and len(verified) >= 4
+    assert "4/4 pruned layers verified" in str(onnx_report)
+    assert onnx_report.eligibility.counts()["2:4"] == 4
