@@ -266,3 +266,19 @@ def test_gpt2_onnx_report_verifies_and_counts_every_conv1d(tmp_path):
     assert onnx_report.ok and len(onnx_report.pruned_layers) == 4 and len(verified) >= 4
     assert "4/4 pruned layers verified" in str(onnx_report)
     assert onnx_report.eligibility.counts()["2:4"] == 4
+
+
+# ---- 7. the dynamic axes reported are those of the written file (Mamba's sequence axis is fixed there)
+
+
+def test_mamba_report_shows_the_axes_the_file_has(tmp_path):
+    import onnx
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=64, state_size=4)).eval()
+    report = to_onnx(model, torch.randint(0, 64, (1, 8)), tmp_path / "mamba.onnx")
+    dims = onnx.load(str(tmp_path / "mamba.onnx"), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    in_file = {i: d.dim_param for i, d in enumerate(dims) if d.dim_param}
+    assert report.dynamic_axes == {"input_ids": in_file} and 1 not in in_file
+    assert "input_ids[1] (seq)" in " ".join(report.notes) and "fixed in the file" in str(report)
