@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -282,3 +283,39 @@ def test_mamba_report_shows_the_axes_the_file_has(tmp_path):
     in_file = {i: d.dim_param for i, d in enumerate(dims) if d.dim_param}
     assert report.dynamic_axes == {"input_ids": in_file} and 1 not in in_file
     assert "input_ids[1] (seq)" in " ".join(report.notes) and "fixed in the file" in str(report)
+
+
+# ---- 8. H overflow is not "NaN in the activations"; a singular H with enough tokens is said
+
+
+def test_hessian_overflow_is_told_apart_from_nan_activations():
+    import mrp_pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    with torch.no_grad():
+        model[0].weight.fill_(1e30)
+    calib = [torch.randn(4, 16) for _ in range(2)]
+    with pytest.raises(FloatingPointError) as e:
+        mrp_pass.prune(model, calib, method="sparsegpt", progress=False)
+    msg = str(e.value)
+    assert "overflowed" in msg and "activations are finite" in msg and "contain NaN" not in msg, msg
+    assert torch.equal(model[0].weight, torch.full((16, 16), 1e30))  # rolled back
+    calib[1][0, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="contain NaN or Inf"):
+        mrp_pass.prune(torch.nn.Sequential(torch.nn.Linear(16, 16)), calib, method="sparsegpt", progress=False)
+
+
+def test_singular_hessian_with_enough_tokens_is_warned():
+    import mrp_pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    base = torch.randn(64, 8)
+    calib = [torch.cat([base, base], dim=1)]  # every feature duplicated: rank 8 of 16, with 64 tokens
+    with pytest.warns(UserWarning, match=r"numerical rank 8 of 16 inputs"):
+        report = mrp_pass.prune(model, calib, method="sparsegpt", progress=False)
+    assert any("near zero" in n for n in report.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # full-rank calibration: no warning
+        mrp_pass.prune(torch.nn.Sequential(torch.nn.Linear(16, 8)), [torch.randn(64, 16)], method="sparsegpt",
+                       progress=False)
