@@ -1,6 +1,7 @@
 """Issue 16: what a new user hit in a day with the tool: nothing lost, nothing misleading, clear errors."""
 
 import errno
+import json
 import os
 import subprocess
 import sys
@@ -319,3 +320,21 @@ def test_singular_hessian_with_enough_tokens_is_warned():
         warnings.simplefilter("error")  # full-rank calibration: no warning
         mrp_pass.prune(torch.nn.Sequential(torch.nn.Linear(16, 8)), [torch.randn(64, 16)], method="sparsegpt",
                        progress=False)
+
+
+# ---- 9. mrp bench: speedup only like with like; another engine's ratio in its own labelled column
+
+
+def test_bench_speedup_compares_like_with_like(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(export_args(tiny_dir, "onnx", tmp_path / "m.onnx")) == 0
+    capsys.readouterr()
+    common = ["--batch", "1", "--seqlen", "8", "--warmup", "0", "--iters", "2", "--out", str(tmp_path / "b")]
+    assert main(["bench", "--engine", str(tmp_path / "m.onnx"), "--dense", str(tiny_dir), *common]) == 0
+    out = capsys.readouterr().out
+    assert "cross-engine" in out and "note: the engine runs on onnxruntime" in out
+    row = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]
+    assert row["speedup"] is None and row["cross_engine_ratio"] > 0
+    assert main(["bench", "--engine", str(tmp_path / "m.onnx"), "--dense", str(tmp_path / "m.onnx"), *common]) == 0
+    row = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]
+    assert row["speedup"] > 0 and "cross_engine_ratio" not in row
