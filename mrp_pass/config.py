@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -60,19 +60,17 @@ class PruneConfig:
     swap_iters: int | None = None
     refit: str | None = None
     solver_dtype: torch.dtype = torch.float32
-    # set when blocksize was not given: which one was chosen and why (shown by the CLI, kept in reports)
-    blocksize_chosen: str | None = field(default=None, init=False, compare=False)
 
     def __post_init__(self) -> None:
+        # not a field (callers list the fields): which block size was chosen and why, when none was given
+        object.__setattr__(self, "_blocksize_chosen", None)
         if self.blocksize is None:
             sp = parse_sparsity(self.sparsity)
             chosen = default_blocksize(sp)
             object.__setattr__(self, "blocksize", chosen)
-            if chosen != DEFAULT_BLOCKSIZE:
-                object.__setattr__(self, "blocksize_chosen", f"blocksize {chosen}: the largest multiple of "
-                                   f"M={sp.m} <= {DEFAULT_BLOCKSIZE} (no blocksize given)")
-            else:
-                object.__setattr__(self, "blocksize_chosen", f"blocksize {chosen} (the default)")
+            object.__setattr__(self, "_blocksize_chosen", f"blocksize {chosen} (the default)" if chosen ==
+                               DEFAULT_BLOCKSIZE else f"blocksize {chosen}: the largest multiple of M={sp.m} <= "
+                               f"{DEFAULT_BLOCKSIZE} (no blocksize given)")
         sp = check_options(self.sparsity, self.method, self.blocksize, self.percdamp, self.mask_rule, self.refit)
         object.__setattr__(self, "sparsity", sp)
         if self.on_error not in ON_ERROR:
@@ -93,6 +91,11 @@ class PruneConfig:
                              f"patterns and module classes, got {type(lf).__name__}")
         if self.device is not None:
             object.__setattr__(self, "device", _check_device(self.device))
+
+    @property
+    def blocksize_chosen(self) -> str | None:
+        """When no blocksize was given: the one chosen and why; None when the caller gave it."""
+        return self._blocksize_chosen
 
     @classmethod
     def build(cls, config: PruneConfig | None = None, **options: Any) -> PruneConfig:

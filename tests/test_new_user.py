@@ -41,7 +41,8 @@ def test_export_compressed_refuses_existing_dir_foreign_files_and_its_own_input(
     (out / "notes.txt").unlink()
     assert main(export_args(tiny_dir, "compressed", out)) == 0
     assert main(export_args(tiny_dir, "compressed", out, "--overwrite")) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "export_report.json", "model.safetensors"]
+    written = {p.name for p in out.iterdir()}
+    assert {"config.json", "export_report.json", "model.safetensors", "tokenizer.json"} <= written
 
 
 def test_library_writers_refuse_to_overwrite_by_default(tmp_path):
