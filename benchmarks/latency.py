@@ -134,8 +134,8 @@ def layers_part(args, device: str, tmp: Path) -> list[dict]:
         onnx_pair = None
         if args.onnx and device == "cpu":
             x0 = torch.randn(tokens[0], fin, dtype=dt)
-            to_onnx(lin, x0, tmp / "ld.onnx", dtype=dt)
-            to_onnx(lin24, x0, tmp / "ls.onnx", dtype=dt)
+            to_onnx(lin, x0, tmp / "ld.onnx", dtype=dt, overwrite=True)
+            to_onnx(lin24, x0, tmp / "ls.onnx", dtype=dt, overwrite=True)
             onnx_pair = load(tmp / "ld.onnx"), load(tmp / "ls.onnx")
         for n in tokens:
             x = torch.randn(n, fin, dtype=dt, device=device)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .atomic import atomic_dir, atomic_write_text
+from .atomic import atomic_dir, atomic_write_text, check_output
 from .pattern import is_nm_sparse
 from .wrap import is_hf_causal_lm
 
@@ -190,11 +190,21 @@ def _config_dict(model: nn.Module, dtype: torch.dtype | None) -> dict:
     return {"mrp_module": f"{type(model).__module__}.{type(model).__qualname__}"}
 
 
-def save_compressed(model: nn.Module, directory: str | os.PathLike) -> CompressedReport:
-    """Write `model` as config.json + model.safetensors, 2:4 nn.Linear weights as values + bitmask. Atomic."""
+# What save_compressed (and `mrp export --format compressed`, its report) write: an existing directory holding
+# anything else is never replaced.
+OUR_FILES = ("config.json", "model.safetensors", "export_report.json", "tokenizer*", "special_tokens_map.json",
+             "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*")
+
+
+def save_compressed(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False) -> CompressedReport:
+    """Write `model` as config.json + model.safetensors, 2:4 nn.Linear weights as values + bitmask. Atomic.
+
+    An existing non-empty `directory` is replaced only with `overwrite=True`, and never when it holds files
+    other than these (ValueError before any work)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
+    check_output(directory, overwrite, ours=OUR_FILES, what="directory")
     state, aliases = _unique_state(model)
     tensors: dict[str, torch.Tensor] = {}
     compressed_layers, dense_linears = [], []

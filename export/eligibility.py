@@ -190,7 +190,8 @@ class EligibilityReport:
         if len(shown) < len(rows):
             lines.append(f"... {len(rows) - len(shown)} more layers (see the JSON report)")
         c = self.counts()
-        lines.append(f"{c['2:4']}/{c['linear']} linear layers are 2:4; eligible for sparse kernels: "
+        lines.append(f"{c['2:4']}/{c['linear']} linear layers are 2:4 (nn.Linear and Conv1D weights); eligible for "
+                     "sparse kernels: "
                      f"torch-sparse {c['torch_sparse']}, TensorRT {c['tensorrt']} (rules checked for dtype "
                      f"{self.dtype or 'as stored'})")
         lines.append(f"device: {self.device}" + (f" -> everything runs dense here: {self.device_reason}"
@@ -206,14 +207,26 @@ def _with_device(reason: str | None, backend: str, capability: tuple[int, int] |
     return backend_capability_reason(backend, capability)
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and kin): a linear layer whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
 def linear_weights(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """(module name, weight [out, in]) of every nn.Linear, in module order."""
-    return [(name, mod.weight) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)]
+    """(module name, weight [out, in]) of every linear-like layer, in module order: nn.Linear, and transformers'
+    Conv1D (its [in, out] weight transposed, so the 2:4 check runs along the reduction axis as for a Linear)."""
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            out.append((name, mod.weight))
+        elif is_conv1d(mod) and mod.weight.dim() == 2:
+            out.append((name, mod.weight.T))
+    return out
 
 
 def eligibility(model: nn.Module, dtype: torch.dtype | None = None,
                 capability: tuple[int, int] | str | None = "auto") -> EligibilityReport:
-    """Check every nn.Linear of `model` for 2:4 and the sparse-kernel rules.
+    """Check every linear-like layer of `model` (nn.Linear, transformers' Conv1D) for 2:4 and the sparse-kernel rules.
 
     `dtype`: the dtype the deployed engine will use (e.g. fp16 for TensorRT), default each weight's own.
     `capability`: (major, minor) of the target GPU, None for "no GPU", "auto" for this machine's."""

@@ -14,7 +14,7 @@ import onnx
 import torch
 from torch import nn
 
-from .atomic import atomic_files
+from .atomic import atomic_files, check_output
 from .eligibility import EligibilityReport, eligibility
 from .onnx_check import InitializerCheck, check_onnx_2_4, fingerprint
 from .pattern import is_nm_sparse
@@ -118,6 +118,21 @@ def pruned_fingerprints(model: nn.Module, dtype: torch.dtype) -> tuple[dict[str,
     return table, names
 
 
+def file_dynamic_axes(path: str) -> dict[str, dict[int, str]]:
+    """{graph input: {axis: dim_param}} of an ONNX file: the axes it really leaves dynamic (weights not loaded)."""
+    graph = onnx.load(path, load_external_data=False).graph
+    weights = {t.name for t in graph.initializer}
+    out = {}
+    for inp in graph.input:
+        if inp.name in weights:
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        axes = {i: d.dim_param for i, d in enumerate(dims) if d.HasField("dim_param") and d.dim_param}
+        if axes:
+            out[inp.name] = axes
+    return out
+
+
 @contextlib.contextmanager
 def quiet_onnx_exporter():
     """The dynamo exporter's deprecation warnings and its "torchvision is not installed" log lines are not
@@ -134,17 +149,19 @@ def quiet_onnx_exporter():
 
 
 def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-            dynamic: bool = True) -> ExportReport:
+            dynamic: bool = True, overwrite: bool = False) -> ExportReport:
     """Export `model` to ONNX: HF causal LMs as input_ids -> logits without KV cache; any other nn.Module with
     all its tensor outputs (or its main output when it returns something else, such as a ModelOutput).
 
     Weights are initializers in the .onnx file, or in `<file>.data` past ~1.8 GiB. After writing, the file passes
     onnx.checker, and every 2-D constant of the model that is 2:4 is located in the file and its pattern checked
-    along its reduction axis; one that lost it raises RuntimeError (the file is not kept). The write is atomic."""
+    along its reduction axis; one that lost it raises RuntimeError (the file is not kept). The write is atomic.
+    An existing file at `path` is replaced only with `overwrite=True` (ValueError before any work)."""
     if dtype not in (torch.float32, torch.float16):
         raise ValueError(f"ONNX export supports float32 and float16, got {dtype}")
     start = time.perf_counter()
     path = Path(path)
+    check_output(path, overwrite, kind="file", what="path")
     hf = is_hf_causal_lm(model)
     inputs = cast_inputs(as_tuple(example_inputs), dtype)
     if hf and (len(inputs) != 1 or inputs[0].is_floating_point()):
@@ -174,6 +191,7 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: to
             raise RuntimeError("the exported file lost the 2:4 pattern of: "
                                + ", ".join(f"{c.layer} ({c.initializer})" for c in lost))
         files = {str(path.parent / f.name): f.stat().st_size for f in sorted(tmp.iterdir())}
+        written_axes = file_dynamic_axes(str(tmp / path.name))
 
     located = {name for c in checks if c.layer for name in c.layer.split(", ")}
     notes = []
@@ -185,7 +203,18 @@ def to_onnx(model: nn.Module, example_inputs, path: str | os.PathLike, dtype: to
         notes.append("weights in external data (model > 1.8 GiB); keep the .data file next to the .onnx")
     if not hf and dynamic:
         notes.append("dim 0 of each input exported as dynamic where the model allows it (Dim.AUTO)")
+    # what the file has, not what was asked: the exporter may fix an axis (Mamba's sequence), and ONNX Runtime
+    # then rejects any other size there
+    def graph_name(key: str) -> str:  # readable's keys by position: input_ids (HF) or input_<i>
+        i = 0 if hf else int(key.rsplit("_", 1)[1])
+        return input_names[i] if i < len(input_names) else key
+
+    fixed = [f"{key}[{axis}] ({what})" for key, axes in readable.items() for axis, what in axes.items()
+             if axis not in written_axes.get(graph_name(key), {})]
+    if fixed:
+        notes.append("asked for dynamic but fixed in the file (the exporter specialised them; other sizes are "
+                     "rejected there): " + ", ".join(fixed))
     return ExportReport(path=str(path), format="onnx", dtype=str(dtype).replace("torch.", ""), files=files,
-                        dynamic_axes=readable, checks=checks, pruned_layers=pruned,
+                        dynamic_axes=written_axes, checks=checks, pruned_layers=pruned,
                         unverified=[n for n in pruned if n not in located],
                         eligibility=eligibility(src, dtype=dtype), seconds=time.perf_counter() - start, notes=notes)

@@ -1,4 +1,5 @@
-"""The `mrp` command line: prune, eval, export, bench (and `run`, the whole pipeline)."""
+"""The `mrp` command line: prune, eval, export, bench. The whole pipeline (prune, measure, export, benchmark)
+is `python -m mrp_pass.pipeline` (scripts/main.sh)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,34 @@ import argparse
 import sys
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def batch_sizes(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers such as '1,4,16'."""
+    parts = str(text).split(",")
+    if any(not p.strip() for p in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers such as 1,4,16, got {text!r}")
+    return [positive_int(p.strip()) for p in parts]
+
+
 def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="short name, HF directory, .gguf file or hub id")
     p.add_argument("--sparsity", default="2:4", help="'N:M' (keep N of M) or a pruned fraction like 0.5")
     p.add_argument("--method", default="mrp", help="magnitude | wanda | sparsegpt | mrp-s | mrp-m | mrp")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--calib-samples", type=positive_int, default=128)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--blocksize", type=int, default=128)
+    p.add_argument("--blocksize", type=positive_int, default=None,
+                   help="columns solved per block (default: 128, or the largest multiple of M <= 128 for N:M)")
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--mask-rule", default=None,
                    help="how mrp chooses the mask: admm (default) | sparsegpt | group | obs (see the README)")
@@ -25,8 +46,8 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--windows", type=int, default=16, help="quick slice: first N test windows")
+    p.add_argument("--seqlen", type=positive_int, default=512)
+    p.add_argument("--windows", type=positive_int, default=16, help="quick slice: first N test windows")
     p.add_argument("--full", action="store_true", help="whole test split at 2048 tokens")
     p.add_argument("--device", default=None)
 
@@ -34,18 +55,21 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--format", choices=["onnx", "tensorrt", "compressed"], required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output file (onnx, tensorrt) or directory (compressed); never "
+                   "the --model path or inside it")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (a directory only if it holds nothing but this tool's files)")
     p.add_argument("--dtype", default=None, help="float32 | float16 (default: float32 for onnx, float16 otherwise)")
-    p.add_argument("--seqlen", type=int, default=128, help="example input length for tracing")
+    p.add_argument("--seqlen", type=positive_int, default=128, help="example input length for tracing")
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", required=True)
     p.add_argument("--dense", default=None, help="dense engine to compare against in the same run")
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    p.add_argument("--seqlen", type=int, default=128)
+    p.add_argument("--batch", type=batch_sizes, default=[1], help="comma-separated batch sizes")
+    p.add_argument("--seqlen", type=positive_int, default=128)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--iters", type=positive_int, default=10)
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None, help="directory for bench.json and bench.png")
 
@@ -69,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         from runtime.cli import cmd_bench
 
         return cmd_bench(args)
-    except (ValueError, FileNotFoundError, ImportError, RuntimeError) as e:
-        print(f"mrp {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, RuntimeError) as e:  # OSError: unreadable model, unwritable --out
+        message = str(e).strip() or type(e).__name__
+        print(f"mrp {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -17,11 +17,31 @@ def default_device(name: str | None) -> torch.device:
     return torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ValueError(f"--out {out} exists and is not empty; pass --overwrite to replace it")
+# What save_pruned writes (HF save_pretrained of a model and its tokenizer, report.json): --overwrite replaces
+# a directory holding only these, never one with anything else in it.
+PRUNED_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer*", "special_tokens_map.json",
+                "added_tokens.json", "vocab.*", "merges.txt", "chat_template.*", "*.model", "report.json")
+
+
+def model_inputs(name_or_path: str) -> list[Path]:
+    """The local paths a --model argument reads (none for a hub id), which an output must not touch."""
+    from .models import resolve
+
+    try:
+        source, gguf = resolve(name_or_path)
+    except FileNotFoundError:
+        return []
+    local = Path(source)
+    if not local.exists():
+        return []  # a hub id
+    return [local / gguf] if gguf else [local]
+
+
+def _check_out(out: Path, overwrite: bool, model: str | None = None, ours=PRUNED_FILES) -> None:
+    from export.atomic import check_output
+
+    check_output(out, overwrite, inputs=model_inputs(model) if model else (), ours=ours)
 
 
 def save_pruned(model, tokenizer, report, out: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -43,7 +63,7 @@ def save_pruned(model, tokenizer, report, out: str | os.PathLike, overwrite: boo
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from .config import PruneConfig
+    from .config import DEFAULT_BLOCKSIZE, PruneConfig
     from .data import calibration_windows
     from .fx_pass import prune
     from .models import load_model, load_tokenizer
@@ -56,7 +76,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
         if value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    _check_out(Path(args.out), getattr(args, "overwrite", False))
+    if args.blocksize is None and config.blocksize != DEFAULT_BLOCKSIZE:
+        print(f"note: {config.blocksize_chosen}", flush=True)
+    _check_out(Path(args.out), getattr(args, "overwrite", False), model=args.model)
     t0 = time.perf_counter()
     model = load_model(args.model)  # stays on the CPU: weights visit `device` while their layer is calibrated
     tokenizer = load_tokenizer(args.model)
@@ -88,9 +110,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _copy_tokenizer(model: str, out: Path) -> None:
+    from .models import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model)
+    except (OSError, ValueError) as e:
+        print(f"note: no tokenizer written next to the checkpoint ({e})")
+        return
+    tokenizer.save_pretrained(out)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from export import eligibility, save_compressed, to_onnx, to_tensorrt
-    from export.atomic import atomic_write_text
+    from export.atomic import atomic_write_text, check_output
+    from export.compressed import OUR_FILES
     from export.tensorrt_export import require_tensorrt
     from export.wrap import parse_dtype
 
@@ -99,11 +133,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype or ("float32" if args.format == "onnx" else "float16"))
     if args.format == "tensorrt":
         require_tensorrt()  # fail before the (slow) model load
+    out = Path(args.out)
+    overwrite = getattr(args, "overwrite", False)
+    # before the model load: never the input, never replaced without --overwrite, never foreign files, writable
+    if args.format == "compressed":
+        check_output(out, overwrite, inputs=model_inputs(args.model), ours=OUR_FILES)
+    else:
+        targets = [out] if args.format == "onnx" else [out.with_suffix(".ep"), out.with_suffix(".engine")]
+        for target in targets:
+            check_output(target, overwrite, inputs=model_inputs(args.model), kind="file")
     model = load_model(args.model)
     example = torch.randint(0, model.config.vocab_size, (1, args.seqlen))
-    out = Path(args.out)
     if args.format == "onnx":
-        report = to_onnx(model, example, out, dtype=dtype)
+        report = to_onnx(model, example, out, dtype=dtype, overwrite=overwrite)
         report_path = out.with_suffix(".report.json")
         payload = report.to_dict()
     elif args.format == "tensorrt":
@@ -111,7 +153,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         report_path = out.with_suffix(".report.json")
         payload = report.to_dict()
     else:
-        report = save_compressed(model.to(dtype), out)
+        report = save_compressed(model.to(dtype), out, overwrite=overwrite)
+        _copy_tokenizer(args.model, out)  # so `mrp eval --model OUT` finds one
         elig = eligibility(model, dtype=dtype)
         print(elig.table())
         report_path = out / "export_report.json"

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .solvers import check_options
-from .sparsity import Sparsity
+from .sparsity import Sparsity, parse_sparsity
 
 LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str | type] | None
 ON_ERROR = ("rollback", "keep_partial")
@@ -27,6 +27,14 @@ class _Unset:
 
 
 UNSET: Any = _Unset()
+DEFAULT_BLOCKSIZE = 128
+
+
+def default_blocksize(sp: Sparsity) -> int:
+    """128, or for N:M with M not dividing it the largest multiple of M <= 128 (at least M)."""
+    if not sp.structured or DEFAULT_BLOCKSIZE % sp.m == 0:
+        return DEFAULT_BLOCKSIZE
+    return max(sp.m, DEFAULT_BLOCKSIZE // sp.m * sp.m)
 
 
 @dataclass(frozen=True)
@@ -41,7 +49,7 @@ class PruneConfig:
 
     sparsity: Sparsity | str | float = "2:4"
     method: str = "mrp"
-    blocksize: int = 128
+    blocksize: int | None = None
     percdamp: float = 0.01
     layer_filter: LayerFilter = None
     device: str | torch.device | None = None
@@ -54,6 +62,15 @@ class PruneConfig:
     solver_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
+        # not a field (callers list the fields): which block size was chosen and why, when none was given
+        object.__setattr__(self, "_blocksize_chosen", None)
+        if self.blocksize is None:
+            sp = parse_sparsity(self.sparsity)
+            chosen = default_blocksize(sp)
+            object.__setattr__(self, "blocksize", chosen)
+            object.__setattr__(self, "_blocksize_chosen", f"blocksize {chosen} (the default)" if chosen ==
+                               DEFAULT_BLOCKSIZE else f"blocksize {chosen}: the largest multiple of M={sp.m} <= "
+                               f"{DEFAULT_BLOCKSIZE} (no blocksize given)")
         sp = check_options(self.sparsity, self.method, self.blocksize, self.percdamp, self.mask_rule, self.refit)
         object.__setattr__(self, "sparsity", sp)
         if self.on_error not in ON_ERROR:
@@ -75,6 +92,11 @@ class PruneConfig:
         if self.device is not None:
             object.__setattr__(self, "device", _check_device(self.device))
 
+    @property
+    def blocksize_chosen(self) -> str | None:
+        """When no blocksize was given: the one chosen and why; None when the caller gave it."""
+        return self._blocksize_chosen
+
     @classmethod
     def build(cls, config: PruneConfig | None = None, **options: Any) -> PruneConfig:
         """`config` (or the defaults) with `options` replacing its fields; an unknown name is a TypeError that
@@ -84,6 +106,8 @@ class PruneConfig:
         if unknown:
             raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {unknown}; valid: {', '.join(valid)}")
         options = {k: v for k, v in options.items() if v is not UNSET}
+        if config is not None and config.blocksize_chosen is not None and "blocksize" not in options:
+            options["blocksize"] = None  # chosen for the old sparsity: choose again for the new one
         return dataclasses.replace(config, **options) if config is not None else cls(**options)
 
     @property

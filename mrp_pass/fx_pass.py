@@ -36,7 +36,7 @@ from export.atomic import atomic_write_text
 
 from .config import UNSET, PruneConfig, matches
 from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
-from .hessian import Hessian
+from .hessian import Hessian, HessianOverflowError
 from .solvers import solve
 
 log = logging.getLogger(__name__)
@@ -539,6 +539,16 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
                "Use more or longer calibration samples")
         report.notes.append(msg)
         warnings.warn(f"mrp_pass: {msg}", UserWarning, stacklevel=3)
+    if state.singular:
+        rank, live, names = state.singular[0]
+        count = len(state.singular)
+        msg = (f"H is singular for {count} layer group{'s' if count > 1 else ''} despite enough tokens: numerical "
+               f"rank {rank} of {live} inputs at {names[0]}" + (" (and others)" if count > 1 else "") + " "
+               "(duplicated features or near-identical calibration samples). The relative error is measured on "
+               "the calibration inputs only, so it can read near zero while the pruned weights are unconstrained "
+               "(held by damping alone) in the directions those inputs never take; use more varied calibration data")
+        report.notes.append(msg)
+        warnings.warn(f"mrp_pass: {msg}", UserWarning, stacklevel=3)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -549,6 +559,7 @@ class _PassState:
     current: str | None = None  # the layer being pruned (or calibrated), for error messages
     finished: set = field(default_factory=set)  # sites written
     rank_deficient: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (tokens, width, names)
+    singular: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (rank, live inputs, names)
 
 
 def _rollback(state: _PassState, error: BaseException) -> None:
@@ -576,6 +587,8 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
     for i, x in enumerate(xs):
         try:
             hessian.add(group[0].inputs(x))
+        except HessianOverflowError as e:  # finite activations, H overflowed: say that, not "NaN in the inputs"
+            raise FloatingPointError(f"calibrating {', '.join(names)} (sample {i}): {e}") from None
         except FloatingPointError:
             raise FloatingPointError(f"calibration activations feeding {', '.join(names)} contain NaN or Inf "
                                      f"(sample {i}); check the inputs and the model's numerics (fp16 overflow?)"
@@ -586,6 +599,11 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
         state.rank_deficient.append((hessian.nsamples, group[0].in_features, names))
         log.info("%s: %d calibration tokens for %d inputs: H is rank-deficient", names[0], hessian.nsamples,
                  group[0].in_features)
+    else:  # enough tokens, yet H may be singular: duplicated features, calibration of rank 1
+        rank, live = hessian.numerical_rank()
+        if rank < live:
+            state.singular.append((rank, live, names))
+            log.info("%s: H has numerical rank %d for %d live inputs", names[0], rank, live)
     for s in group:
         state.current = s.name
         stored = fetch_attr(gm, s.target)
@@ -636,17 +654,21 @@ def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float
 
 @contextlib.contextmanager
 def _no_kv_cache(model: nn.Module):
-    """HF models return a KV cache object torch.export cannot flatten; calibration needs none."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "use_cache"):
-        yield
-        return
-    saved = config.use_cache
-    config.use_cache = False
+    """HF models return a KV cache object torch.export cannot flatten; calibration needs none. Every config the
+    model reads is switched off (an encoder-decoder's decoder, T5's, keeps a config of its own), then restored."""
+    configs, seen = [], set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or id(config) in seen or not hasattr(config, "use_cache"):
+            continue
+        seen.add(id(config))
+        configs.append((config, config.use_cache))
+        config.use_cache = False
     try:
         yield
     finally:
-        config.use_cache = saved
+        for config, saved in configs:
+            config.use_cache = saved
 
 
 @contextlib.contextmanager

@@ -9,6 +9,10 @@ import torch
 log = logging.getLogger(__name__)
 
 
+class HessianOverflowError(FloatingPointError):
+    """The activations are finite but their squares / products overflowed H's dtype."""
+
+
 class Hessian:
     """Streaming H = 2/N * sum_t x_t x_t^T over every token t of every batch fed to `add`.
 
@@ -33,9 +37,28 @@ class Hessian:
         # H <- H * n/(n+t) + 2/(n+t) x^T x in one fused GEMM (no scaled copy of x)
         self.matrix.addmm_(x.T, x, beta=self.nsamples / total, alpha=2.0 / total)
         self.nsamples = total
-        # A NaN or Inf anywhere in x reaches the diagonal (a sum of squares): an O(n) check, not O(t n).
+        # A NaN or Inf anywhere in x reaches the diagonal (a sum of squares): an O(n) check, not O(t n); only then
+        # are the activations themselves checked, to say which of the two it is.
         if not torch.isfinite(self.matrix.diagonal()).all():
-            raise FloatingPointError("calibration activations contain NaN or Inf (or overflow when squared)")
+            if not torch.isfinite(x).all():
+                raise FloatingPointError("the calibration activations contain NaN or Inf")
+            big = x.abs().max().item()
+            raise HessianOverflowError(
+                f"the activations are finite but H = 2/N sum x x^T overflowed {str(self.matrix.dtype)[6:]} (largest "
+                f"|x| = {big:.3g}, squared {big * big:.3g}): some weight upstream is huge (check the model's weights)")
+
+    def numerical_rank(self) -> tuple[int, int]:
+        """(numerical rank of H, number of live inputs): eigenvalues above n * eps * the largest count (the
+        matrix_rank convention); inputs that are always 0 (zero diagonal) are not counted as live."""
+        h = self.matrix
+        live = h.diagonal() > 0
+        n = int(live.sum())
+        if n == 0:
+            return 0, 0
+        sub = h[live][:, live].double()
+        eig = torch.linalg.eigvalsh(sub)
+        tol = n * torch.finfo(h.dtype).eps * eig[-1].clamp(min=0)
+        return int((eig > tol).sum()), n
 
 def damped_inverse(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
     """(H + lambda I)^-1 with lambda = percdamp * mean(diag H): see `damped_hessian`."""

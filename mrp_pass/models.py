@@ -60,23 +60,71 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
     return s, None  # a hub id such as "HuggingFaceTB/SmolLM2-135M" (needs network or a warm cache)
 
 
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set to a true value."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host accepts a TCP connection within `timeout` seconds (no request is made)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def from_pretrained(loader, name_or_path, source: str, what: str = "model", **kwargs):
+    """`loader.from_pretrained(source)` with one-line OSErrors. A hub id is tried in the local cache first; when
+    it is not there, an offline setting or an unreachable hub is said at once (no minutes of retries)."""
+    local = Path(source).exists()
+    if not local:
+        try:
+            return loader.from_pretrained(source, local_files_only=True, **kwargs)
+        except OSError:
+            pass
+        if hub_offline():
+            raise OSError(f"{what} {str(name_or_path)!r} is not a local path and not in the Hugging Face cache, and "
+                          "the hub is off (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set): pass a local directory, "
+                          f"a .gguf file or '{DEFAULT_MODEL}' (embedded)") from None
+        if not hub_reachable():
+            raise OSError(f"{what} {str(name_or_path)!r} is not a local path and not in the Hugging Face cache, and "
+                          "the hub cannot be reached (offline?): pass a local directory, a .gguf file or "
+                          f"'{DEFAULT_MODEL}' (embedded)") from None
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as e:
+        where = "a local directory" if local else "a hub id"
+        raise OSError(f"could not load {what} {str(name_or_path)!r} ({where}): {_first_line(e)}") from None
+
+
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu"):
-    """Load a causal LM in eval mode. GGUF weights are dequantized to `dtype`."""
+    """Load a causal LM in eval mode. GGUF weights are dequantized to `dtype`; a compressed checkpoint
+    (`mrp export --format compressed`) is decompressed with export.load_compressed."""
     from transformers import AutoModelForCausalLM
 
     source, gguf = resolve(name_or_path)
+    if gguf is None and Path(source).is_dir():
+        from export.compressed import is_compressed_checkpoint, load_compressed
+
+        if is_compressed_checkpoint(source):
+            return load_compressed(source).to(device=device, dtype=dtype).eval()
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        model = from_pretrained(AutoModelForCausalLM, name_or_path, source, dtype=dtype, **kwargs)
     except ImportError as e:  # gguf / accelerate missing
         raise ImportError(
             f"loading {name_or_path!r} needs a missing package: {e}. Run: pip install gguf accelerate"
-        ) from e
-    except OSError as e:
-        raise OSError(
-            f"could not load model {name_or_path!r}: {e}\nPass '{DEFAULT_MODEL}' (embedded), a local HF directory, "
-            "a .gguf file, or a hub id when online."
         ) from e
     if gguf:
         plain_config(model)
@@ -101,4 +149,4 @@ def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_MODEL):
 
     source, gguf = resolve(name_or_path)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    return AutoTokenizer.from_pretrained(source, **kwargs)
+    return from_pretrained(AutoTokenizer, name_or_path, source, what="tokenizer", **kwargs)

@@ -59,10 +59,10 @@ def step(title: str):
 
 def run(args: argparse.Namespace) -> dict:
     from export import save_compressed, to_onnx
-    from export.atomic import atomic_write_text
+    from export.atomic import atomic_write_text, check_writable
     from runtime import benchmark, load
 
-    out = Path(args.out)
+    out = check_writable(Path(args.out))  # a read-only or foreign --out fails now, not after the prune
     out.mkdir(parents=True, exist_ok=True)
     summary: dict = {"model": args.model, "sparsity": args.sparsity, "method": args.method,
                      "calibration": f"{args.calib_samples} x {args.calib_seqlen} tokens (WikiText-2 validation)",
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"dense perplexity {summary['ppl_dense']:.2f} ({time.perf_counter() - t:.0f}s)")
 
     t = step("dense ONNX export")
-    dense_report = to_onnx(copy.deepcopy(model), example, out / "dense.onnx")
+    dense_report = to_onnx(copy.deepcopy(model), example, out / "dense.onnx", overwrite=True)
     print(f"wrote {dense_report.path} ({time.perf_counter() - t:.0f}s)")
 
     t = step(f"prune to {args.sparsity} with {args.method}")
@@ -97,12 +97,12 @@ def run(args: argparse.Namespace) -> dict:
     print(f"pruned perplexity {summary['ppl_pruned']:.2f} ({time.perf_counter() - t:.0f}s)")
 
     t = step("pruned ONNX export (2:4 verified in the file) and compressed checkpoint")
-    onnx_report = to_onnx(model, example, out / "pruned.onnx")
+    onnx_report = to_onnx(model, example, out / "pruned.onnx", overwrite=True)
     atomic_write_text(out / "pruned_onnx_report.json", json.dumps(onnx_report.to_dict(), indent=1, default=str))
     print(f"wrote {onnx_report.path}: 2:4 verified in the file for {len(onnx_report.pruned_layers)} pruned layers: "
           f"{onnx_report.ok} (per-initializer checks and sparse-kernel eligibility in pruned_onnx_report.json)")
     summary["onnx_2_4_verified"] = onnx_report.ok
-    compressed = save_compressed(copy.deepcopy(model).half(), out / "compressed-fp16")
+    compressed = save_compressed(copy.deepcopy(model).half(), out / "compressed-fp16", overwrite=True)
     summary["compressed_linear_size_ratio"] = compressed.ratio
     print(compressed)
 
@@ -175,7 +175,12 @@ def print_summary(s: dict, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        run(args)
+    except OSError as e:  # an unwritable --out, a model that cannot be read: one line, not a traceback
+        print(f"pipeline: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

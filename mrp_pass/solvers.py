@@ -330,6 +330,8 @@ def check_options(sparsity, method: str, blocksize: int, percdamp: float, mask_r
         raise ValueError(
             "blocksize must be a positive integer" + (f" multiple of M={sp.m}" if sp.structured else "")
             + f", got {blocksize!r}"
+            + (f" (e.g. {max(sp.m, 128 // sp.m * sp.m)}; or leave blocksize unset to have one chosen)"
+               if sp.structured and not bad_block else "")
         )
     if not (isinstance(percdamp, (int, float)) and 0 <= percdamp < 10):
         raise ValueError(f"percdamp must be a number in [0, 10), got {percdamp!r}")

@@ -14,16 +14,26 @@ from .engines import load
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ["batch", "seqlen", "mean ms", "p50", "p90", "p99", "throughput", "dense mean ms", "speedup"]
+    """One row per batch. `speedup` is dense / engine on the same engine kind (like with like); when --dense runs
+    on another engine, that ratio is shown only in its own `cross-engine` column (it mixes two engines' speed)."""
+    head = ["batch", "seqlen", "mean ms", "p50", "p90", "p99", "throughput", "dense mean ms", "speedup",
+            "cross-engine dense/engine"]
     lines = []
     for r in rows:
         d = r.get("dense")
+        cross = r.get("cross_engine_ratio")
         lines.append([str(r["batch"]), str(r["seqlen"]), f"{r['mean_ms']:.2f}", f"{r['p50_ms']:.2f}",
                       f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput']:.0f} {r['unit']}",
-                      f"{d['mean_ms']:.2f}" if d else "-", f"{r['speedup']:.3f}x" if d else "-"])
+                      f"{d['mean_ms']:.2f}" if d else "-", f"{r['speedup']:.3f}x" if r.get("speedup") else "-",
+                      f"{cross:.3f}x" if cross else "-"])
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda row: "  ".join(v.rjust(w) for v, w in zip(row, widths))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def same_engine(engine, dense) -> bool:
+    """Whether two engines run on the same runtime (kind of engine and provider), so their ratio is the sparsity's."""
+    return dense is None or engine.provider == dense.provider
 
 
 def plot(rows: list[dict], path: Path, title: str) -> str | None:
@@ -54,26 +64,37 @@ def plot(rows: list[dict], path: Path, title: str) -> str | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    batches = [int(b) for b in str(args.batch).split(",") if b.strip()]
+    batches = args.batch if isinstance(args.batch, list) else [int(b) for b in str(args.batch).split(",")
+                                                               if b.strip()]
     if not batches or min(batches) < 1:
         raise ValueError(f"--batch needs positive comma-separated sizes, got {args.batch!r}")
+    from export.atomic import atomic_write_text, check_writable
+
+    out = check_writable(Path(args.out) if args.out else Path(args.engine).resolve().parent)  # before the runs
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     engine = load(args.engine, device=device)
     dense = load(args.dense, device=device) if args.dense else None
     print(f"engine: {args.engine} ({engine.describe()})" + (f"\ndense: {args.dense} ({dense.describe()})"
                                                             if dense else ""))
+    like = same_engine(engine, dense)
     rows = []
     for batch in batches:
         inputs = engine.example_inputs(batch, args.seqlen)
         result: BenchResult = benchmark(engine, inputs, warmup=args.warmup, iters=args.iters, dense=dense)
-        rows.append({"batch": batch, "seqlen": args.seqlen, **result.to_dict()})
+        row = {"batch": batch, "seqlen": args.seqlen, **result.to_dict()}
+        if dense is not None and not like:
+            row["cross_engine_ratio"] = row.pop("speedup")
+            row["speedup"] = None
+        rows.append(row)
     print(format_table(rows))
-    out = Path(args.out) if args.out else Path(args.engine).resolve().parent
+    if dense is not None and not like:
+        print(f"note: the engine runs on {engine.describe()}, --dense on {dense.describe()}: their ratio is in the "
+              "'cross-engine' column (it mixes the two runtimes' speed with the sparsity's); for the speedup of "
+              "the sparsity alone give a dense model on the same engine (e.g. both exported to ONNX)")
     out.mkdir(parents=True, exist_ok=True)
     payload = {"engine": str(args.engine), "provider": engine.provider, "dense": args.dense,
-               "dense_provider": dense.provider if dense else None, "device": device, "rows": rows}
-    from export.atomic import atomic_write_text
-
+               "dense_provider": dense.provider if dense else None, "same_engine": like, "device": device,
+               "rows": rows}
     atomic_write_text(out / "bench.json", json.dumps(payload, indent=2))
     note = plot(rows, out / "bench.png", f"{Path(args.engine).name} vs {Path(args.dense).name if dense else '-'}"
                 f" ({engine.provider}, seqlen {args.seqlen})")

@@ -172,7 +172,8 @@ class OnnxGraphEngine(ShapeSpecialised):
         path = self.output_dir / f"{stem}.onnx"
         floats = {t.dtype for t in self.frozen.buffers() if t.is_floating_point()}
         dtype = torch.float16 if floats == {torch.float16} else torch.float32
-        report = to_onnx(module, tuple(tensors), path, dtype=dtype, dynamic=False)  # raises if 2:4 was lost
+        # output_dir is the engine's own: a file of the same stem is its own earlier build, replaced
+        report = to_onnx(module, tuple(tensors), path, dtype=dtype, dynamic=False, overwrite=True)  # 2:4 checked
         self.record.files.append(str(path))
         checked = [c for c in report.checks if c.layer]
         self.record.notes.append(f"{path.name}: {sum(c.is_2_4 for c in checked)}/{len(report.pruned_layers)} 2:4 "

@@ -98,7 +98,7 @@ def test_non_24_linears_are_stored_dense(tmp_path):
 
 def test_overwrite_is_atomic_and_leaves_no_temp(tmp_path):
     save_compressed(_tiny_llama(), tmp_path / "ck")
-    save_compressed(_tiny_llama(), tmp_path / "ck")
+    save_compressed(_tiny_llama(), tmp_path / "ck", overwrite=True)  # overwrite=False (default) refuses
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["config.json", "model.safetensors"]
 

@@ -49,8 +49,13 @@ def test_prune_refuses_to_clobber_without_overwrite(tiny_dir, tmp_path, capsys):
     assert main(prune_args(tiny_dir, out)) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces a directory of this tool's output only: never a file it did not write
+    assert main(prune_args(tiny_dir, out, "--overwrite")) == 2
+    assert "did not write (keep.txt)" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert main(prune_args(tiny_dir, out)) == 0
     assert main(prune_args(tiny_dir, out, "--overwrite")) == 0
-    assert (out / "report.json").is_file() and not (out / "keep.txt").exists()
+    assert (out / "report.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pruned"]
 
 

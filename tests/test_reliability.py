@@ -143,13 +143,16 @@ def test_torch_compile_rejects_bad_options_at_first_call():
     (["--sparsity", "abc"], "invalid sparsity 'abc'"),
     (["--method", "best"], "unknown method 'best'"),
     (["--blocksize", "6"], "multiple of M=4, got 6"),
-    (["--calib-samples", "0"], "--calib-samples must be a positive integer, got 0"),
-    (["--calib-seqlen", "-5"], "--calib-seqlen must be a positive integer, got -5"),
+    (["--calib-samples", "0"], "argument --calib-samples: must be a positive integer, got 0"),  # argparse's
+    (["--calib-seqlen", "-5"], "argument --calib-seqlen: must be a positive integer, got -5"),
     (["--device", "gpu"], "invalid device 'gpu'"),
 ])
 def test_cli_rejects_bad_options_before_loading_the_model(flags, match, tmp_path, capsys):
     # The model path does not exist: an error about the options (not the model) proves nothing was loaded.
-    rc = main(["prune", "--model", str(tmp_path / "missing-model"), "--out", str(tmp_path / "out"), *flags])
+    try:
+        rc = main(["prune", "--model", str(tmp_path / "missing-model"), "--out", str(tmp_path / "out"), *flags])
+    except SystemExit as e:  # argparse's own errors (type= validators)
+        rc = e.code
     err = capsys.readouterr().err
     assert rc == 2
     assert "mrp prune: error:" in err and match in err
