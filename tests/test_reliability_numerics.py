@@ -4,6 +4,7 @@ a hypothesis fuzz of every solver, atomic file writes and loading truncated or f
 import json
 import logging
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -241,11 +242,23 @@ def test_report_json_crash_mid_write_leaves_nothing(tmp_path, monkeypatch):
     from mrp_pass import PruneReport
 
     target = tmp_path / "report.json"
+    real_fdopen = os.fdopen
 
-    def half_dump(obj, f, **kw):
-        f.write('{"layers": [')
-        raise Crash
-    monkeypatch.setattr(json, "dump", half_dump)
+    class HalfFile:  # the temp file takes the first half of the text, then the process "dies"
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            raise Crash
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: HalfFile(real_fdopen(fd, *a, **k)))
     with pytest.raises(Crash):
         PruneReport().save_json(target)
     assert list(tmp_path.iterdir()) == []
@@ -270,7 +283,9 @@ def test_atomic_write_text_and_atomic_files_crash(tmp_path):
 
 def test_save_compressed_crash_mid_write_leaves_no_directory(tmp_path, monkeypatch):
     import safetensors.torch
+    import transformers.modeling_utils  # noqa: F401  (imported now: it binds safetensors' save_file at import time,
 
+    # and must not keep the crashing stand-in below for later tests)
     from export import save_compressed
 
     def half(tensors, path, metadata=None):
