@@ -42,6 +42,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (HF save_pretrained layout + report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=1,
+                   help="processes on this machine's CPU (torch.distributed, gloo): each calibrates on its share of "
+                        "the samples and solves its share of each weight's rows; for GPUs use torchrun instead")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:

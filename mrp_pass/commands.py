@@ -62,33 +62,71 @@ def save_pruned(model, tokenizer, report, out: str | os.PathLike, overwrite: boo
     return out
 
 
-def cmd_prune(args: argparse.Namespace) -> int:
+def _prune_device(args: argparse.Namespace, nproc: int) -> str | torch.device:
+    """--device (PruneConfig checks it), else: the CPU for --nproc (gloo processes), cuda:LOCAL_RANK under
+    torchrun, cuda or cpu."""
+    if args.device:
+        if nproc > 1 and not str(args.device).startswith("cpu"):
+            raise ValueError("--nproc N runs N gloo processes on the CPU; on GPUs launch one process per GPU with "
+                             "torchrun --nproc-per-node N -m mrp_pass.cli prune ... (without --nproc)")
+        return args.device
+    if nproc > 1:
+        return "cpu"
+    device = default_device(None)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
+    from . import distributed
     from .config import DEFAULT_BLOCKSIZE, PruneConfig
     from .data import calibration_windows
     from .fx_pass import prune
     from .models import load_model, load_tokenizer
 
+    nproc = getattr(args, "nproc", 1) or 1
+    if nproc < 1:
+        raise ValueError(f"--nproc must be a positive integer, got {nproc}")
+    if nproc > 1 and not spawned and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or distributed.dist.is_initialized()):
+        raise ValueError("--nproc spawns its own processes: under torchrun (or another launcher) leave it out")
     mask_rule = getattr(args, "mask_rule", None)
     # every option (and the device) checked before minutes of loading
     config = PruneConfig(sparsity=args.sparsity, method=args.method, blocksize=args.blocksize, percdamp=args.percdamp,
-                         mask_rule=mask_rule, device=args.device or default_device(None),
+                         mask_rule=mask_rule, device=_prune_device(args, nproc),
                          progress=not getattr(args, "no_progress", False))
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
         if value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
-    if args.blocksize is None and config.blocksize != DEFAULT_BLOCKSIZE:
+    if args.blocksize is None and config.blocksize != DEFAULT_BLOCKSIZE and not spawned:
         print(f"note: {config.blocksize_chosen}", flush=True)
     _check_out(Path(args.out), getattr(args, "overwrite", False), model=args.model)
+    if nproc > 1 and not spawned:
+        return distributed.spawn_prune(args)
+    ranks = distributed.detect()  # None for one process; under torchrun (or --nproc) every rank runs this
+    main = distributed.is_main(ranks)
+    if not main:
+        config = PruneConfig.build(config, progress=False)
     t0 = time.perf_counter()
     model = load_model(args.model)  # stays on the CPU: weights visit `device` while their layer is calibrated
     tokenizer = load_tokenizer(args.model)
     calib = calibration_windows(tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
     how = args.method + (f" (mask rule {mask_rule})" if mask_rule else "")
-    print(f"pruning {args.model} to {args.sparsity} with {how} on {len(calib)} x {args.calib_seqlen} "
-          f"calibration tokens (device {config.device})", flush=True)
+    on = f"device {config.device}" + (f", {ranks.world} ranks" if ranks else "")
+    if main:
+        print(f"pruning {args.model} to {args.sparsity} with {how} on {len(calib)} x {args.calib_seqlen} "
+              f"calibration tokens ({on})", flush=True)
     report = prune(model, calib, config=config)
+    if not main:  # every rank holds the same pruned model: rank 0 writes it, once (atomically)
+        ranks.agree()  # raises when rank 0 could not write
+        return 0
     print(report)
-    out = save_pruned(model, tokenizer, report, args.out, overwrite=getattr(args, "overwrite", False))
+    try:
+        out = save_pruned(model, tokenizer, report, args.out, overwrite=getattr(args, "overwrite", False))
+    except Exception as e:
+        distributed.fail(ranks, e)
+        raise
+    distributed.finish(ranks)
     print(f"saved the pruned model and report.json to {out} ({time.perf_counter() - t0:.0f} s in all)")
     return 0
 

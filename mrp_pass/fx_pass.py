@@ -34,6 +34,7 @@ from torch.fx.node import map_arg
 
 from export.atomic import atomic_write_text
 
+from . import distributed
 from .config import UNSET, PruneConfig, matches
 from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
 from .hessian import Hessian, HessianOverflowError
@@ -458,6 +459,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
     items = [_as_call(item) for item in calibration]
     if not items:
         raise ValueError("calibration is empty: give at least one sample")
+    ranks = distributed.start(items)  # None for one process; else this rank walks its share of the samples
     first = next((t for t in pytree.tree_leaves(items[0]) if isinstance(t, torch.Tensor)), None)
     calib_device = torch.device(device) if device is not None else (first.device if first is not None
                                                                     else torch.device("cpu"))
@@ -466,6 +468,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
     for node, table, rows in _embedding_inputs(gm):  # before any work: an out-of-range id fails mid-walk otherwise
         for i, sample in enumerate(inputs):
             _check_token_ids(sample[placeholder_index[node]], rows, f"calibration sample {i} ({node.name})", table)
+    inputs = distributed.my_share(ranks, inputs)  # after the checks: every rank checked every sample alike
 
     sites = find_linears(gm)
     vocab = embedding_rows(gm) | ({vocab_size} if vocab_size else set())
@@ -490,8 +493,8 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
     done: set[tuple] = set()
     # What the pass wrote, to undo it: target -> (the stored tensor, a CPU copy of its old value). Kept only in
     # "rollback" mode (it costs a CPU copy of every pruned weight).
-    state = _PassState(backups={} if config.on_error == "rollback" else None)
-    bar = _progress_bar(len(todo), config.progress)
+    state = _PassState(backups={} if config.on_error == "rollback" else None, ranks=ranks)
+    bar = _progress_bar(len(todo), config.progress and distributed.is_main(ranks))
     try:
         for node in walk.nodes:
             if len(done) == len(groups) or node.op == "output":
@@ -512,7 +515,9 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
         if len(done) != len(groups):
             missing = [s.name for s in todo if (s.input, s.weight_left) not in done]
             raise RuntimeError(f"the walk ended before reaching layers {missing}")
+        distributed.finish(ranks)
     except Exception as e:
+        distributed.fail(ranks, e)  # the other ranks raise at their next exchange
         if config.on_error == "rollback":
             _rollback(state, e)
             raise
@@ -560,6 +565,7 @@ class _PassState:
     finished: set = field(default_factory=set)  # sites written
     rank_deficient: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (tokens, width, names)
     singular: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (rank, live inputs, names)
+    ranks: distributed.Context | None = None  # the process group (None: one process), see distributed.py
 
 
 def _rollback(state: _PassState, error: BaseException) -> None:
@@ -595,6 +601,7 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
                                      ) from None
         except ValueError as e:  # an input of the wrong width: the calibration tensors do not fit the model
             raise ValueError(f"calibration sample {i} does not fit layer {names[0]}: {e}") from None
+    distributed.reduce_hessian(state.ranks, hessian)  # every rank's tokens (no-op for one process)
     if hessian.nsamples < group[0].in_features:  # rank(H) <= tokens: only the damping makes H invertible
         state.rank_deficient.append((hessian.nsamples, group[0].in_features, names))
         log.info("%s: %d calibration tokens for %d inputs: H is rank-deficient", names[0], hessian.nsamples,
@@ -609,8 +616,9 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
         stored = fetch_attr(gm, s.target)
         weight = stored.detach().to(device)  # on the calibration device only while solving
         try:
-            result = solve(weight.T if s.transposed else weight, hessian.matrix, config.sparsity, config.method,
-                           config.blocksize, config.percdamp, **config.solver_kwargs)
+            result = distributed.solve(state.ranks, solve,  # one process: solve itself; else a share of the rows
+                                       weight.T if s.transposed else weight, hessian.matrix, config.sparsity,
+                                       config.method, config.blocksize, config.percdamp, **config.solver_kwargs)
         except (RuntimeError, ArithmeticError) as e:  # LinAlgError, FloatingPointError, ...: say which layer
             _note(e, f"mrp_pass: while solving layer {s.name} {s.shape}")
             raise

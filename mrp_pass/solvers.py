@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,20 @@ class SolveResult:
     loss: float  # 1/2 tr(dW H dW^T) with the undamped H given (= ||dW X||^2 when H = 2 X X^T)
     relative_error: float  # ||dW X||^2 / ||W X||^2
     seconds: float
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """`solve` given some rows of a weight whose other rows are solved elsewhere (another rank of
+    `mrp_pass.distributed`). Every method is row-independent given H except for four whole-matrix quantities,
+    which these reduce over all shares: the power-of-two scale (max|W|, `max`), conjugate gradients' stopping
+    test (the largest residual of any row, `max`), ADMM's GEMM order (chosen from `rows`, the whole weight's row
+    count) and the loss and reference of the relative error (sums over rows, `sum`). With them a shard's rows
+    come out as the whole weight's solve gives them, given the same H and the same per-row arithmetic."""
+
+    rows: int
+    max: Callable[[torch.Tensor], torch.Tensor]  # a 0-d tensor's maximum over every share
+    sum: Callable[[float], float]  # a float's sum over every share
 
 
 def layer_loss(dw: torch.Tensor, hessian: torch.Tensor) -> float:
@@ -117,7 +132,7 @@ _MASKS = {"obs": mask_obs, "sparsegpt": mask_sparsegpt, "group": mask_group}
 
 
 def mask_admm(w: torch.Tensor, h: torch.Tensor, sp: Sparsity, start: torch.Tensor, iters: int = 25,
-              rho0: float = 0.05, growth: float = 1.15) -> tuple[torch.Tensor, torch.Tensor]:
+              rho0: float = 0.05, growth: float = 1.15, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Whole-row mask by ADMM on min 1/2 (X - W) H (X - W)^T subject to X having the pattern: the
     splitting of ALPS (Meng et al., NeurIPS 2024, arXiv 2406.07831). X steps solve the unconstrained
     problem pulled towards the pattern-projected copy D, D steps project (top-N of every group), and the
@@ -125,12 +140,14 @@ def mask_admm(w: torch.Tensor, h: torch.Tensor, sp: Sparsity, start: torch.Tenso
     left-to-right sweep. (H + rho I)^-1 comes from one eigendecomposition of H, so a step costs one or two
     GEMMs shared by all rows. `start`: the N:M weight D starts from. The schedule (rho from 0.05 mean(diag H),
     x1.15 a step, 25 steps) was chosen on real layers (benchmarks/layer_solvers.py): a smaller first
-    penalty or faster growth settles on worse masks. Returns D (a warm start for the refit) and its mask."""
+    penalty or faster growth settles on worse masks. `rows`: the whole weight's row count when `w` is a share of
+    it (the GEMM order follows it, so a share's rows are computed as the whole weight's are). Returns D (a warm
+    start for the refit) and its mask."""
     lam, q = torch.linalg.eigh(h)
     wh = w @ h
     rho = float(rho0 * h.diagonal().mean())
     d, v, keep = start, torch.zeros_like(w), start != 0
-    few_rows = w.shape[0] <= w.shape[1]  # else forming (H + rho I)^-1 (cols^3) beats a second rows x cols^2 GEMM
+    few_rows = (rows or w.shape[0]) <= w.shape[1]  # else (H + rho I)^-1 (cols^3) beats a second rows x cols^2 GEMM
     for _ in range(iters):
         rhs = torch.add(wh - v, d, alpha=rho)
         x = (rhs @ q) / (lam + rho) @ q.T if few_rows else rhs @ ((q / (lam + rho)) @ q.T)
@@ -172,31 +189,31 @@ def solve_mrp_block(w1: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, exact
         a_pp = torch.where(vv, a_pp, eye)
         rhs = torch.where(v, torch.gather(w1[r0 : r0 + chunk], 1, idx), 0.0)
         chol, info = torch.linalg.cholesky_ex(a_pp)
-        if int(info.max()) == 0:
-            sol = torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]
-            # Cholesky succeeding does not make the answer accurate: an ill-conditioned A_PP (correlated inputs)
-            # gives a float32 solution with a large backward error. Rows whose relative residual exceeds
-            # RESIDUAL_TOL are solved again in float64.
-            res = (a_pp @ sol[:, :, None])[:, :, 0] - rhs
-            scale = a_pp.abs().amax((1, 2)) * sol.abs().amax(1) + rhs.abs().amax(1)
-            bad = res.abs().amax(1) > RESIDUAL_TOL * scale.clamp_min(torch.finfo(w1.dtype).tiny)
-            if w1.dtype != torch.float64 and bool(bad.any()):
-                sol[bad] = torch.linalg.solve(a_pp[bad].double(), rhs[bad].double()).to(w1.dtype)
-        else:  # not PD in this precision: solve the few systems in float64
-            sol = torch.linalg.solve(a_pp.double(), rhs.double()).to(w1.dtype)
+        sol = torch.cholesky_solve(rhs[:, :, None], chol)[:, :, 0]
+        # Cholesky succeeding does not make the answer accurate: an ill-conditioned A_PP (correlated inputs)
+        # gives a float32 solution with a large backward error. Rows whose relative residual exceeds
+        # RESIDUAL_TOL, and rows whose A_PP is not PD in this precision, are solved again in float64: row by
+        # row, so a row's answer does not depend on the chunk it shares (nor on a row split across ranks).
+        res = (a_pp @ sol[:, :, None])[:, :, 0] - rhs
+        scale = a_pp.abs().amax((1, 2)) * sol.abs().amax(1) + rhs.abs().amax(1)
+        bad = res.abs().amax(1) > RESIDUAL_TOL * scale.clamp_min(torch.finfo(w1.dtype).tiny)
+        bad = info != 0 if w1.dtype == torch.float64 else bad | (info != 0)
+        if bool(bad.any()):
+            sol[bad] = torch.linalg.solve(a_pp[bad].double(), rhs[bad].double()).to(w1.dtype)
         z[r0 : r0 + chunk].scatter_(1, idx, torch.where(v, sol, 0.0))
     return z
 
 
 def refit_cg(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, x0: torch.Tensor, max_iters: int = 30,
-             tol: float = 3e-3) -> torch.Tensor:
+             tol: float = 3e-3, reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The exact whole-row refit (Solution M with P = all pruned weights of the row) by preconditioned
     conjugate gradients: min (x - w) H (x - w)^T over x supported on `keep`, all rows at once.
 
     Equal to the batched k x k solves of `solve_mrp_blocks(..., blocksize=cols)` at convergence, but each iteration is
     one [rows, cols] x [cols, cols] GEMM shared by all rows instead of rows * k^3 / 3 flops of Cholesky;
     warm-started from a sweep's compensated weights it converges in 10-30 iterations (Jacobi
-    preconditioner). Stops when every row's preconditioned residual fell by `tol`."""
+    preconditioner). Stops when every row's preconditioned residual fell by `tol`: the largest residual of all rows
+    against the largest first one, over every share of the rows when `reduce_max` gives their maximum."""
     m = keep.to(w.dtype)
     dinv = 1.0 / h.diagonal()
     x = x0 * m
@@ -204,9 +221,10 @@ def refit_cg(w: torch.Tensor, h: torch.Tensor, keep: torch.Tensor, x0: torch.Ten
     z = r * dinv
     p = z.clone()
     rz = (r * z).sum(1, keepdim=True)
-    stop = tol**2 * rz.max()
+    top = reduce_max or (lambda t: t)
+    stop = tol**2 * top(rz.max())
     for _ in range(max_iters):
-        if rz.max() <= stop:
+        if top(rz.max()) <= stop:
             break
         q = (p @ h) * m
         alpha = rz / (p * q).sum(1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
@@ -279,7 +297,8 @@ def solve_mrp_blocks(w: torch.Tensor, u: torch.Tensor, sp: Sparsity, blocksize: 
 
 def solve_mrp_whole_row(w: torch.Tensor, h: torch.Tensor, h_damped: torch.Tensor, u: torch.Tensor, sp: Sparsity,
                         mask_rule: str = "admm", blocksize: int = 128, refit: str = "cg",
-                        refit_blocksize: int | None = None, swap_iters: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                        refit_blocksize: int | None = None, swap_iters: int = 0,
+                        shard: RowShard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MRP (the default `mrp`): the mask rule chooses the whole mask, then Solution M with P = every pruned
     weight of the row updates every kept weight. With no column frozen that is the least-squares refit
 
@@ -293,14 +312,14 @@ def solve_mrp_whole_row(w: torch.Tensor, h: torch.Tensor, h_damped: torch.Tensor
     `swaps.swap_pass` (N:M only) then refine the mask. Returns (weight, keep)."""
     if mask_rule == "admm":  # ADMM from Wanda's mask; its D is close to the refit, so CG needs few steps
         wanda = torch.where(sp.mask(w.abs() * h.diagonal().clamp_min(0).sqrt()), w, 0.0)
-        w_start, keep = mask_admm(w, h_damped, sp, start=wanda)
+        w_start, keep = mask_admm(w, h_damped, sp, start=wanda, rows=shard and shard.rows)
         cg_iters = 10
     elif mask_rule == "sparsegpt":  # SparseGPT's own sweep gives the mask and the warm start
         (w_start, keep), cg_iters = sparsegpt(w.clone(), u, sp, blocksize), 30
     else:  # the MRP-M sweep with this rule
         (w_start, keep), cg_iters = solve_mrp_blocks(w.clone(), u, sp, blocksize, mask_rule, exact=True), 30
     if refit == "cg" and refit_blocksize is None:
-        x = refit_cg(w, h_damped, keep, w_start, max_iters=cg_iters)
+        x = refit_cg(w, h_damped, keep, w_start, max_iters=cg_iters, reduce_max=shard and shard.max)
         x[:, h.diagonal() == 0] = 0  # CG leaves ~1e-9 on dead inputs, whose exact optimum is 0
     else:
         x, keep = solve_mrp_blocks(w.clone(), u, sp, refit_blocksize or w.shape[1], keep, exact=True)
@@ -308,7 +327,7 @@ def solve_mrp_whole_row(w: torch.Tensor, h: torch.Tensor, h_damped: torch.Tensor
         from .swaps import swap_pass  # swaps.py builds on this module's solvers: import it when used
 
         for _ in range(swap_iters):
-            x, keep = swap_pass(w, h_damped, x, keep, sp, blocksize)
+            x, keep = swap_pass(w, h_damped, x, keep, sp, blocksize, reduce_max=shard and shard.max)
     return x, keep
 
 
@@ -342,7 +361,7 @@ def check_options(sparsity, method: str, blocksize: int, percdamp: float, mask_r
 def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | Sparsity = "2:4",
           method: str = "mrp", blocksize: int = 128, percdamp: float = 0.01, mask_rule: str | None = None,
           refit_blocksize: int | None = None, swap_iters: int | None = None, refit: str | None = None,
-          dtype: torch.dtype = torch.float32) -> SolveResult:
+          dtype: torch.dtype = torch.float32, shard: RowShard | None = None) -> SolveResult:
     """Prune one linear layer's `weight` [out, in] given `hessian` [in, in] of its inputs.
 
     method: magnitude | wanda | sparsegpt | mrp-s | mrp-m | mrp (the best MRP variant).
@@ -351,6 +370,8 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
     the exact least-squares refit); swap_iters
     (mrp, N:M): passes of exact-loss swap refinement of the mask before the refit; refit (mrp): "cg"
     (conjugate gradients on the whole row, warm-started) or "exact" (batched Cholesky per row).
+    shard: `weight` is a share of a larger weight's rows (see `RowShard`; `mrp_pass.distributed` splits rows
+    across ranks): loss and relative error are then the whole weight's.
     Returns the new weight in the input's dtype and device, the keep-mask and the layer loss."""
     sp = check_options(sparsity, method, blocksize, percdamp, mask_rule, refit)
     t0 = time.perf_counter()
@@ -370,7 +391,8 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
     # Every method is homogeneous in W, but its scores w^2 / d overflow (|w| ~ 1e20) or underflow (|w| ~ 1e-23)
     # in float32, and then masks are chosen among ties. Solve on W * 2^-e with 2^e ~ max|W|: a power of two
     # scales exactly, so ordinary weights give bit-identical results.
-    wmax = float(w0.abs().max()) if w0.numel() else 0.0
+    wmax = w0.abs().max() if w0.numel() else w0.new_zeros(())
+    wmax = float(shard.max(wmax) if shard is not None else wmax)  # the whole weight's: every share scales alike
     unit = 2.0 ** -math.frexp(wmax)[1] if wmax > 0 else 1.0
     w0 = w0 * unit
     w = w0.clone()
@@ -388,19 +410,22 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
         elif method in ("mrp-s", "mrp-m"):
             rule = mask_rule or "obs"
             if rule == "admm":  # the whole-row ADMM mask (from magnitude's), fixed before the sweep
-                rule = mask_admm(w, h_damped, sp, start=torch.where(sp.mask(w.abs()), w, 0.0))[1]
+                rule = mask_admm(w, h_damped, sp, start=torch.where(sp.mask(w.abs()), w, 0.0),
+                                 rows=shard and shard.rows)[1]
             w, keep = solve_mrp_blocks(w, u, sp, blocksize, rule, exact=method == "mrp-m")
         else:
             w, keep = solve_mrp_whole_row(
                 w, h, h_damped, u, sp, mask_rule or MRP_DEFAULT["mask_rule"], blocksize,
                 refit or MRP_DEFAULT["refit"], refit_blocksize,
-                MRP_DEFAULT["swap_iters"] if swap_iters is None else swap_iters,
+                MRP_DEFAULT["swap_iters"] if swap_iters is None else swap_iters, shard,
             )
 
     dw = w - w0
     # losses in float64 from the scaled weights: (1/unit)^2 may exceed float32's range, never float64's
     loss = layer_loss(dw, hessian.to(w.device)) / unit**2
     ref = layer_loss(w0, hessian.to(w.device)) / unit**2
+    if shard is not None:  # sums over rows: every share's
+        loss, ref = shard.sum(loss), shard.sum(ref)
     w = w.double() / unit if unit != 1.0 else w  # back to the caller's scale (float64: 1/unit may overflow fp32)
     return SolveResult(
         weight=w.to(weight.dtype), mask=keep, loss=loss,

@@ -95,7 +95,7 @@ def refine_swaps(w: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, sp: Spars
 
 
 def swap_pass(w: torch.Tensor, h: torch.Tensor, x: torch.Tensor, keep: torch.Tensor, sp: Sparsity,
-              blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+              blocksize: int, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pass of mask refinement around the refit weights x (mask `keep`) of the problem
     min (x - w) H (x - w)^T. With the other blocks fixed, a block's problem is the same one with target
     c = x_B - g_B (H_BB)^-1 (g the gradient) and inverse Hessian (H_BB)^-1, so `refine_swaps` runs on each
@@ -108,6 +108,6 @@ def swap_pass(w: torch.Tensor, h: torch.Tensor, x: torch.Tensor, keep: torch.Ten
         b = slice(i1, min(i1 + blocksize, cols))
         a = torch.cholesky_inverse(torch.linalg.cholesky(h[b, b]))
         new[:, b] = refine_swaps(x[:, b] - g[:, b] @ a, a, keep[:, b], sp, iters=1)
-    cand = refit_cg(w, h, new, x * new)
+    cand = refit_cg(w, h, new, x * new, reduce_max=reduce_max)  # reduce_max: over every share of the rows
     better = _row_loss(cand, w, h) < _row_loss(x, w, h)
     return torch.where(better[:, None], cand, x), torch.where(better[:, None], new, keep)
