@@ -1,0 +1,269 @@
+// mrp::sparse24_linear: y = x W^T + b for a 2:4 weight W stored compressed, AVX2 + FMA (+ F16C), CPU.
+//
+// Layout (built by runtime/cpu_sparse.py `pack` / `pack_bitmask`): output rows in blocks of 8 (the last block
+// zero-padded), inputs in groups of 4 (g covers inputs 4g..4g+3); per block b and group g:
+//   values[b, g, 0:8]   the 8 rows' first kept values   (row r of the block in lane r)
+//   values[b, g, 8:16]  the 8 rows' second kept values
+//   positions[b, g]     int32, nibble r (bits 4r..4r+3) = p1 | p2 << 2, the two kept inputs of row r in 0..3
+// values are float32, float16 or bfloat16 (products and sums in float32). An fp32 (block, group) is 64 + 4 bytes
+// where the dense weight is 128: the kernel streams 0.53x the bytes of dense F.linear (0.28x for 16-bit values).
+//
+// Kernel: xb = the 4 inputs of group g in both 128-bit lanes; _mm256_permutevar_ps(xb, idx) takes lane r's input
+// from the low 2 bits of idx's lane r, so idx = nibbles >> (4r) selects the first kept inputs and idx >> 2 the
+// second: two permutes and two FMAs per (token, group), no gathers. Up to 6 tokens share each loaded
+// (values, positions); threads split the row blocks (at::parallel_for, OpenMP: build with -fopenmp).
+//
+// Many token rows (prefill) are compute-bound, not memory-bound: there the weight is decompressed to a dense
+// float32 scratch (in parallel) and the dense GEMM runs (see kDenseFromRows for the measured threshold).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int kRows = 8;        // output rows per block (one __m256 of accumulators)
+constexpr int kMaxTokens = 6;   // token rows sharing one pass over a block's weights
+// From this many token rows on, decompress + dense GEMM beats the sparse kernel (benchmarks/cpu_sparse.py,
+// --sweep-threshold; see the comment in runtime/cpu_sparse.py for the measurement).
+int64_t kDenseFromRows = 1 << 30;
+constexpr int64_t kGroupChunk = 256;        // input groups per chunk when blocking for many token rows
+constexpr int64_t kTileBytes = 256 << 10;   // x tile (token rows x input chunk, fp32) kept in L2
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// One block of 8 rows x NT token rows: out[t * ldy + r] = sum_g ... for r < nrows (+ bias[r]).
+template <typename V, int NT>
+inline void block_kernel(const V* __restrict vals, const int32_t* __restrict pos, int64_t groups,
+                         const float* __restrict x, int64_t ldx, float* __restrict y, int64_t ldy,
+                         const float* __restrict bias, int nrows, bool accumulate) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  // NT <= 2: two accumulators per token (first / second kept value) so the FMA latency chain is not the limit.
+  constexpr int NA = NT <= 2 ? 2 : 1;
+  __m256 acc[NT][NA];
+  for (int t = 0; t < NT; ++t)
+    for (int a = 0; a < NA; ++a) acc[t][a] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const V* v = vals + g * 16;
+    __m256 v1 = load8(v);
+    __m256 v2 = load8(v + 8);
+    __m256i idx1 = _mm256_srlv_epi32(_mm256_set1_epi32(pos[g]), shifts);
+    __m256i idx2 = _mm256_srli_epi32(idx1, 2);
+    const float* xg = x + 4 * g;
+#pragma GCC unroll 6
+    for (int t = 0; t < NT; ++t) {
+      __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xg + t * ldx));
+      acc[t][0] = _mm256_fmadd_ps(v1, _mm256_permutevar_ps(xb, idx1), acc[t][0]);
+      acc[t][NA - 1] = _mm256_fmadd_ps(v2, _mm256_permutevar_ps(xb, idx2), acc[t][NA - 1]);
+    }
+  }
+  __m256 b = _mm256_setzero_ps();
+  if (bias != nullptr && !accumulate) {
+    alignas(32) float tmp[kRows] = {0};
+    std::memcpy(tmp, bias, sizeof(float) * nrows);
+    b = _mm256_load_ps(tmp);
+  }
+  for (int t = 0; t < NT; ++t) {
+    __m256 s = NA == 2 ? _mm256_add_ps(acc[t][0], acc[t][NA - 1]) : acc[t][0];
+    alignas(32) float tmp[kRows] = {0};
+    if (accumulate) {
+      std::memcpy(tmp, y + t * ldy, sizeof(float) * nrows);  // partial sums of the previous input chunks
+      b = _mm256_load_ps(tmp);
+    }
+    _mm256_store_ps(tmp, _mm256_add_ps(s, b));
+    std::memcpy(y + t * ldy, tmp, sizeof(float) * nrows);
+  }
+}
+
+template <typename V>
+void run_tokens(const V* vals, const int32_t* pos, int64_t groups, const float* x, int64_t ldx, float* y,
+                int64_t ldy, const float* bias, int nrows, int64_t tokens, bool acc) {
+  int64_t t = 0;
+  for (; t + kMaxTokens <= tokens; t += kMaxTokens)
+    block_kernel<V, kMaxTokens>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc);
+  switch (tokens - t) {
+    case 0: break;
+    case 1: block_kernel<V, 1>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
+    case 2: block_kernel<V, 2>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
+    case 3: block_kernel<V, 3>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
+    case 4: block_kernel<V, 4>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
+    case 5: block_kernel<V, 5>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
+  }
+}
+
+// Grain for at::parallel_for over row blocks: keep tiny layers on one thread (a fork costs a few microseconds).
+int64_t grain_blocks(int64_t groups, int64_t tokens) {
+  const int64_t work_per_block = groups * std::max<int64_t>(tokens, 1);
+  return std::max<int64_t>(1, 8192 / std::max<int64_t>(work_per_block, 1));
+}
+
+void check_layout(const at::Tensor& values, const at::Tensor& positions, int64_t out_features,
+                  int64_t in_features) {
+  TORCH_CHECK(values.device().is_cpu() && positions.device().is_cpu(), "sparse24_linear: CPU tensors only");
+  TORCH_CHECK(in_features > 0 && in_features % 4 == 0, "sparse24_linear: in_features must be a positive multiple of 4");
+  const int64_t blocks = (out_features + kRows - 1) / kRows, groups = in_features / 4;
+  TORCH_CHECK(out_features > 0, "sparse24_linear: out_features must be positive");
+  TORCH_CHECK(values.dim() == 3 && values.size(0) == blocks && values.size(1) == groups && values.size(2) == 16,
+              "sparse24_linear: values must be [", blocks, ", ", groups, ", 16], got ", values.sizes());
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == blocks && positions.size(1) == groups,
+              "sparse24_linear: positions must be [", blocks, ", ", groups, "], got ", positions.sizes());
+  TORCH_CHECK(positions.scalar_type() == at::kInt, "sparse24_linear: positions must be int32");
+  TORCH_CHECK(values.is_contiguous() && positions.is_contiguous(), "sparse24_linear: values/positions must be contiguous");
+  const auto vt = values.scalar_type();
+  TORCH_CHECK(vt == at::kFloat || vt == at::kHalf || vt == at::kBFloat16,
+              "sparse24_linear: values must be float32, float16 or bfloat16, got ", vt);
+}
+
+template <typename V>
+void unpack_rows(const V* vals, const int32_t* pos, int64_t groups, float* w, int64_t in_features, int nrows) {
+  for (int r = 0; r < nrows; ++r) std::memset(w + r * in_features, 0, sizeof(float) * in_features);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint32_t p = static_cast<uint32_t>(pos[g]);
+    const V* v = vals + g * 16;
+    for (int r = 0; r < nrows; ++r) {
+      const uint32_t nib = (p >> (4 * r)) & 15u;
+      float* row = w + r * in_features + 4 * g;
+      row[nib & 3u] = static_cast<float>(v[r]);
+      row[nib >> 2] = static_cast<float>(v[8 + r]);
+    }
+  }
+}
+
+// The dense float32 [out_features, in_features] weight (parallel over row blocks).
+at::Tensor unpack_dense(const at::Tensor& values, const at::Tensor& positions, int64_t out_features,
+                        int64_t in_features) {
+  const int64_t blocks = values.size(0), groups = values.size(1);
+  at::Tensor w = at::empty({out_features, in_features}, values.options().dtype(at::kFloat));
+  float* wp = w.data_ptr<float>();
+  const int32_t* pp = positions.data_ptr<int32_t>();
+  auto run = [&](auto* vp) {
+    at::parallel_for(0, blocks, std::max<int64_t>(1, 4096 / groups), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int nrows = static_cast<int>(std::min<int64_t>(kRows, out_features - b * kRows));
+        unpack_rows(vp + b * groups * 16, pp + b * groups, groups, wp + b * kRows * in_features, in_features, nrows);
+      }
+    });
+  };
+  switch (values.scalar_type()) {
+    case at::kFloat: run(values.const_data_ptr<float>()); break;
+    case at::kHalf: run(values.const_data_ptr<c10::Half>()); break;
+    default: run(values.const_data_ptr<c10::BFloat16>()); break;
+  }
+  return w;
+}
+
+at::Tensor sparse24_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t out_features,
+                           int64_t in_features) {
+  check_layout(values, positions, out_features, in_features);
+  return unpack_dense(values, positions, out_features, in_features);
+}
+
+at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
+                           const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features) {
+  check_layout(values, positions, out_features, in_features);
+  TORCH_CHECK(x.device().is_cpu(), "sparse24_linear: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "sparse24_linear: x's last dim must be ", in_features,
+              ", got ", x.sizes());
+  TORCH_CHECK(x.is_floating_point(), "sparse24_linear: x must be floating point");
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "sparse24_linear: bias must be [", out_features, "]");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = out_features;
+  const int64_t tokens = x.numel() / in_features;
+  at::Tensor x2 = x.reshape({tokens, in_features}).to(at::kFloat).contiguous();
+  if (tokens >= kDenseFromRows) {
+    at::Tensor w = unpack_dense(values, positions, out_features, in_features);
+    at::Tensor y = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+    return y.to(x.scalar_type()).reshape(out_sizes);
+  }
+  at::Tensor y = at::empty({tokens, out_features}, x2.options());
+  if (tokens == 0) return y.to(x.scalar_type()).reshape(out_sizes);
+  const int64_t blocks = values.size(0), groups = values.size(1);
+  const float* xp = x2.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int32_t* pp = positions.data_ptr<int32_t>();
+  // Cache blocking for many token rows: a tile of token rows x an input chunk of x stays in L2 while every row
+  // block of the thread passes over it; one block's chunk of weights (8 rows x kGroupChunk groups, 17 KiB fp32)
+  // stays in L1 across the tile's token rows. Decode (one tile) reads each weight byte once, straight through.
+  const int64_t kc = tokens <= kMaxTokens ? groups : std::min<int64_t>(groups, kGroupChunk);
+  const int64_t tile = std::max<int64_t>(kMaxTokens, kTileBytes / (kc * 16) / kMaxTokens * kMaxTokens);
+  auto run = [&](auto* vp) {
+    using V = std::remove_const_t<std::remove_pointer_t<decltype(vp)>>;
+    at::parallel_for(0, blocks, grain_blocks(groups, tokens), [&](int64_t b0, int64_t b1) {
+      for (int64_t t0 = 0; t0 < tokens; t0 += tile) {
+        const int64_t nt = std::min(tile, tokens - t0);
+        for (int64_t g0 = 0; g0 < groups; g0 += kc) {
+          const int64_t ng = std::min(kc, groups - g0);
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int nrows = static_cast<int>(std::min<int64_t>(kRows, out_features - blk * kRows));
+            run_tokens<V>(vp + (blk * groups + g0) * 16, pp + blk * groups + g0, ng, xp + t0 * in_features + 4 * g0,
+                          in_features, yp + t0 * out_features + blk * kRows, out_features,
+                          bp ? bp + blk * kRows : nullptr, nrows, nt, g0 > 0);
+          }
+        }
+      }
+    });
+  };
+  switch (values.scalar_type()) {
+    case at::kFloat: run(values.const_data_ptr<float>()); break;
+    case at::kHalf: run(values.const_data_ptr<c10::Half>()); break;
+    default: run(values.const_data_ptr<c10::BFloat16>()); break;
+  }
+  return y.to(x.scalar_type()).reshape(out_sizes);
+}
+
+// Knobs for benchmarks/cpu_sparse.py: the dense-GEMM threshold (rows), and the number of OpenMP threads the
+// extension itself sees (shows whether it was built with OpenMP: 1 without -fopenmp).
+int64_t set_dense_threshold(int64_t rows) {
+  const int64_t old = kDenseFromRows;
+  kDenseFromRows = rows;
+  return old;
+}
+
+int64_t parallel_threads() {
+  int64_t seen = 0;
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+#pragma omp atomic
+    seen += 1;
+  });
+  return seen;
+}
+
+}  // namespace
+
+// FRAGMENT rather than TORCH_LIBRARY: Python code may define more mrp:: ops (torch.library) without a clash.
+TORCH_LIBRARY_FRAGMENT(mrp, m) {
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor positions, Tensor? bias, int out_features, "
+        "int in_features) -> Tensor");
+  m.def("sparse24_unpack(Tensor values, Tensor positions, int out_features, int in_features) -> Tensor");
+  m.def("sparse24_set_dense_threshold(int rows) -> int");
+  m.def("sparse24_parallel_threads() -> int");
+}
+
+TORCH_LIBRARY_IMPL(mrp, CPU, m) {
+  m.impl("sparse24_linear", &sparse24_linear);
+  m.impl("sparse24_unpack", &sparse24_unpack);
+}
+
+TORCH_LIBRARY_IMPL(mrp, CompositeExplicitAutograd, m) {
+  m.impl("sparse24_set_dense_threshold", &set_dense_threshold);
+  m.impl("sparse24_parallel_threads", &parallel_threads);
+}
