@@ -10,7 +10,7 @@
 //
 // Kernel: xb = the 4 inputs of group g in both 128-bit lanes; _mm256_permutevar_ps(xb, idx) takes lane r's input
 // from the low 2 bits of idx's lane r, so idx = nibbles >> (4r) selects the first kept inputs and idx >> 2 the
-// second: two permutes and two FMAs per (token, group), no gathers. Up to 6 tokens share each loaded
+// second: two permutes and two FMAs per (token, group), no gathers. Up to 4 tokens share each loaded
 // (values, positions); threads split the row blocks (at::parallel_for, OpenMP: build with -fopenmp).
 //
 // Many token rows (prefill) are compute-bound, not memory-bound: the same kernel runs cache-blocked (a tile of
@@ -32,7 +32,11 @@
 namespace {
 
 constexpr int kRows = 8;        // output rows per block (one __m256 of accumulators)
-constexpr int kMaxTokens = 6;   // token rows sharing one pass over a block's weights
+// Token rows sharing one pass over a block's weights, each with two accumulators (first / second kept value).
+// 4 x 2 accumulators + 7 temporaries fill 15 of AVX2's 16 ymm registers. Measured against 6 and 8 token rows
+// with one accumulator each (CPU time, 1 thread, SmolLM2 and 4096x4096 shapes, 1..512 rows): all within noise
+// at ~28 G useful MAC/s, so the simplest register-safe choice.
+constexpr int kMaxTokens = 4;
 // From this many token rows on, decompress the weight into a dense fp32 scratch and call the dense GEMM.
 // Measured (benchmarks/cpu_sparse.py --sweep-threshold, AMD EPYC Zen 4 VM, 2 threads, 16..512 rows, SmolLM2 and
 // 4096x4096 shapes): the blocked sparse kernel was faster than dense F.linear at every row count, and
@@ -52,46 +56,52 @@ inline __m256 load8(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
-// One block of 8 rows x NT token rows: out[t * ldy + r] = sum_g ... for r < nrows (+ bias[r]).
+// Lanes 0..n-1 set: masked loads / stores of a partial block (the last rows of a layer).
+inline __m256i row_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// One block of 8 rows x NT token rows over `groups` input groups:
+// y[t * ldy + r] = (accumulate ? y[t * ldy + r] : bias[r]) + sum_g ..., for rows r < nrows.
 template <typename V, int NT>
 inline void block_kernel(const V* __restrict vals, const int32_t* __restrict pos, int64_t groups,
                          const float* __restrict x, int64_t ldx, float* __restrict y, int64_t ldy,
                          const float* __restrict bias, int nrows, bool accumulate) {
   const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
-  // NT <= 2: two accumulators per token (first / second kept value) so the FMA latency chain is not the limit.
-  constexpr int NA = NT <= 2 ? 2 : 1;
+  // Two accumulators per token (first / second kept value) where registers allow: the FMA latency chain is then
+  // one FMA per group, not two (NT = 4: 8 accumulators + 7 temporaries = 15 of the 16 ymm registers).
+  constexpr int NA = NT <= 4 ? 2 : 1;
   __m256 acc[NT][NA];
+#pragma GCC unroll 8
   for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 2
     for (int a = 0; a < NA; ++a) acc[t][a] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
     const V* v = vals + g * 16;
-    __m256 v1 = load8(v);
-    __m256 v2 = load8(v + 8);
-    __m256i idx1 = _mm256_srlv_epi32(_mm256_set1_epi32(pos[g]), shifts);
-    __m256i idx2 = _mm256_srli_epi32(idx1, 2);
+    const __m256 v1 = load8(v);
+    const __m256 v2 = load8(v + 8);
+    const __m256i idx1 = _mm256_srlv_epi32(_mm256_set1_epi32(pos[g]), shifts);
+    const __m256i idx2 = _mm256_srli_epi32(idx1, 2);
     const float* xg = x + 4 * g;
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int t = 0; t < NT; ++t) {
-      __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xg + t * ldx));
+      const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xg + t * ldx));
       acc[t][0] = _mm256_fmadd_ps(v1, _mm256_permutevar_ps(xb, idx1), acc[t][0]);
       acc[t][NA - 1] = _mm256_fmadd_ps(v2, _mm256_permutevar_ps(xb, idx2), acc[t][NA - 1]);
     }
   }
-  __m256 b = _mm256_setzero_ps();
-  if (bias != nullptr && !accumulate) {
-    alignas(32) float tmp[kRows] = {0};
-    std::memcpy(tmp, bias, sizeof(float) * nrows);
-    b = _mm256_load_ps(tmp);
-  }
+  const __m256i mask = row_mask(nrows);
+  const __m256 b = (bias != nullptr && !accumulate) ? _mm256_maskload_ps(bias, mask) : _mm256_setzero_ps();
+#pragma GCC unroll 8
   for (int t = 0; t < NT; ++t) {
     __m256 s = NA == 2 ? _mm256_add_ps(acc[t][0], acc[t][NA - 1]) : acc[t][0];
-    alignas(32) float tmp[kRows] = {0};
-    if (accumulate) {
-      std::memcpy(tmp, y + t * ldy, sizeof(float) * nrows);  // partial sums of the previous input chunks
-      b = _mm256_load_ps(tmp);
+    // accumulate: add the partial sums of the previous input chunks
+    s = _mm256_add_ps(s, accumulate ? _mm256_maskload_ps(y + t * ldy, mask) : b);
+    if (nrows == kRows) {
+      _mm256_storeu_ps(y + t * ldy, s);
+    } else {
+      _mm256_maskstore_ps(y + t * ldy, mask, s);
     }
-    _mm256_store_ps(tmp, _mm256_add_ps(s, b));
-    std::memcpy(y + t * ldy, tmp, sizeof(float) * nrows);
   }
 }
 
@@ -101,14 +111,13 @@ void run_tokens(const V* vals, const int32_t* pos, int64_t groups, const float* 
   int64_t t = 0;
   for (; t + kMaxTokens <= tokens; t += kMaxTokens)
     block_kernel<V, kMaxTokens>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc);
-  switch (tokens - t) {
-    case 0: break;
-    case 1: block_kernel<V, 1>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
-    case 2: block_kernel<V, 2>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
-    case 3: block_kernel<V, 3>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
-    case 4: block_kernel<V, 4>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
-    case 5: block_kernel<V, 5>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc); break;
-  }
+  const int64_t rest = tokens - t;
+  x += t * ldx;
+  y += t * ldy;
+  if (rest == 1) block_kernel<V, 1>(vals, pos, groups, x, ldx, y, ldy, bias, nrows, acc);
+  if (rest == 2) block_kernel<V, 2>(vals, pos, groups, x, ldx, y, ldy, bias, nrows, acc);
+  if (rest == 3) block_kernel<V, 3>(vals, pos, groups, x, ldx, y, ldy, bias, nrows, acc);
+  static_assert(kMaxTokens == 4, "the remainder cases above cover 1..3 token rows");
 }
 
 // Grain for at::parallel_for over row blocks: keep tiny layers on one thread (a fork costs a few microseconds).
