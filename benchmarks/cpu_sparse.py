@@ -15,6 +15,8 @@
   python benchmarks/cpu_sparse.py                      # all three parts, 2 threads
   python benchmarks/cpu_sparse.py --parts layers --threads 1
   python benchmarks/cpu_sparse.py --sweep-threshold    # sparse kernel vs decompress + dense GEMM by row count
+  python benchmarks/cpu_sparse.py --parts scaling      # 1 vs 2 threads (wall clock; min and median)
+  python benchmarks/cpu_sparse.py --threads 1 --clock cpu   # a shared machine: CPU time, 1 thread
 """
 
 from __future__ import annotations
@@ -51,14 +53,17 @@ def rand24(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
     return w * mask.reshape(out_features, in_features)
 
 
+CLOCK = time.perf_counter  # --clock cpu: time.process_time (1 thread on a shared machine: time not descheduled)
+
+
 def interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds of each fn(i) (i = repeat index), the fns called in turn within every repeat."""
     times: dict[str, list[float]] = {k: [] for k in fns}
     for i in range(warmup + repeats):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn(i)
-            dt = time.perf_counter() - t0
+            dt = CLOCK() - t0
             if i >= warmup:
                 times[k].append(dt)
     return {k: statistics.median(v) for k, v in times.items()}
@@ -116,6 +121,38 @@ def layer_part(shapes, rows_list, threads: int, bw: float | None) -> list[dict]:
             print(f"  {r['shape']:>10} rows {rows:4}: dense {r['dense_us']:9.1f} us  "
                   f"sparse fp32 {r['sparse_fp32_us']:9.1f} us ({r['ratio_fp32']:.2f}x)  "
                   f"fp16 {r['sparse_fp16_us']:9.1f} us ({r['ratio_fp16']:.2f}x)", flush=True)
+    return results
+
+
+def thread_scaling(threads: int) -> list[dict]:
+    """Wall time at 1 vs `threads` threads (dense and sparse, interleaved): median and min of the repeats (the
+    min is the least disturbed run on a shared machine)."""
+    results = []
+    for out_f, in_f, rows in ((4096, 4096, 1), (4096, 4096, 128), (1536, 576, 1), (1536, 576, 128)):
+        w = rand24(out_f, in_f)
+        packed = cs.pack(w)
+        x = torch.randn(rows, in_f)
+        times: dict[str, list[float]] = {}
+        calls = {"dense": lambda x=x, w=w: F.linear(x, w), "sparse": lambda x=x, p=packed: cs.sparse24_linear(x, p)}
+        for i in range(16):
+            for n in (1, threads):
+                torch.set_num_threads(n)
+                for name, fn in calls.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    if i:
+                        times.setdefault(f"{name}_{n}", []).append(time.perf_counter() - t0)
+        torch.set_num_threads(threads)
+        r = {"shape": f"{out_f}x{in_f}", "rows": rows, "threads": threads}
+        for key, v in times.items():
+            r[f"{key}_median_us"], r[f"{key}_min_us"] = statistics.median(v) * 1e6, min(v) * 1e6
+        for name in ("dense", "sparse"):
+            r[f"{name}_speedup_min"] = r[f"{name}_1_min_us"] / r[f"{name}_{threads}_min_us"]
+            r[f"{name}_speedup_median"] = r[f"{name}_1_median_us"] / r[f"{name}_{threads}_median_us"]
+        print(f"  {r['shape']:>10} rows {rows:4}: sparse 1 -> {threads} threads {r['sparse_speedup_min']:.2f}x (min) "
+              f"{r['sparse_speedup_median']:.2f}x (median); dense {r['dense_speedup_min']:.2f}x / "
+              f"{r['dense_speedup_median']:.2f}x", flush=True)
+        results.append(r)
     return results
 
 
@@ -297,10 +334,20 @@ def markdown(result: dict) -> str:
                   f"{r['kernel_ratio']:.2f}x | {r['gemm_us']:.1f} | {r['gemm_ratio']:.2f}x |"
                   for r in result["threshold"]]
         lines.append("")
+    if result.get("scaling"):
+        lines += ["### Thread scaling, wall clock (speedup of N threads over 1: from the min / the median of 15)", "",
+                  "| out x in | rows | threads | sparse min | sparse median | dense min | dense median |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['rows']} | {r['threads']} | {r['sparse_speedup_min']:.2f}x | "
+                  f"{r['sparse_speedup_median']:.2f}x | {r['dense_speedup_min']:.2f}x | "
+                  f"{r['dense_speedup_median']:.2f}x |"
+                  for r in result["scaling"]]
+        lines.append("")
     m = result.get("model")
     if m:
         lines += [f"### {m['model']}: {m['sparse_linears']}/{m['linears']} linears 2:4 (magnitude), batch 1, "
-                  f"{m['threads']} threads", "", "| | dense fp32 | cpu-sparse | ratio |", "|---|---|---|---|",
+                  f"{m['threads']} threads, {result['env']['clock']} clock", "",
+                  "| | dense fp32 | cpu-sparse | ratio |", "|---|---|---|---|",
                   f"| generate {m['new_tokens']} tokens after {m['prompt_tokens']}, tok/s | {m['dense_tok_s']:.1f} | "
                   f"{m['sparse_tok_s']:.1f} | {m['decode_ratio']:.2f}x |",
                   f"| decode only (less the prompt forward), tok/s | {m['dense_decode_tok_s']:.1f} | "
@@ -320,8 +367,12 @@ def markdown(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="bandwidth,layers,model", help="comma list of bandwidth, layers, model")
+    p.add_argument("--parts", default="bandwidth,layers,model",
+                   help="comma list of bandwidth, layers, model, scaling (1 vs --threads threads, wall clock)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: process CPU time instead of wall time; only with --threads 1, for a machine shared "
+                        "with other jobs (time spent descheduled is not counted)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
     p.add_argument("--shapes", default="smol,llama", help="smol, llama, or OUTxIN,...")
@@ -336,6 +387,11 @@ def main(argv: list[str] | None = None) -> int:
         rss_child_main(args)
         return 0
 
+    global CLOCK
+    if args.clock == "cpu":
+        if args.threads != 1:
+            p.error("--clock cpu needs --threads 1 (CPU time sums over threads)")
+        CLOCK = time.process_time
     ok, why = cs.kernel_available()
     if not ok:
         print(f"cpu-sparse kernel unavailable: {why}", file=sys.stderr)
@@ -346,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         shapes += {"smol": SMOL_SHAPES, "llama": LLAMA_SHAPES}.get(s) or [tuple(int(v) for v in s.split("x"))]
     result: dict = {"env": {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                             "capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
-                            "kernel": why, "argv": sys.argv[1:]}}
+                            "kernel": why, "clock": args.clock, "argv": sys.argv[1:]}}
     parts = ["threshold"] if args.sweep_threshold else args.parts.split(",")
     bw = None
     if "bandwidth" in parts:
@@ -356,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     if "layers" in parts:
         print("layers", flush=True)
         result["layers"] = layer_part(shapes, [int(r) for r in args.rows.split(",")], args.threads, bw)
+    if "scaling" in parts:
+        print("thread scaling (wall clock)", flush=True)
+        result["scaling"] = thread_scaling(args.threads)
     if "threshold" in parts:
         print("threshold sweep", flush=True)
         result["threshold"] = sweep_threshold(shapes, args.threads)

@@ -309,6 +309,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", packed.values)
         self.register_buffer("positions", packed.positions)
         self.register_buffer("bias", None if bias is None else bias.detach().to("cpu").clone())
+        kernel_available()  # build / load the extension now, not inside a first forward traced by torch.compile
 
     @property
     def packed(self) -> Packed24:
