@@ -208,10 +208,16 @@ def prune_24(model: torch.nn.Module) -> list[str]:
 
 
 def load_pruned(model_name: str):
+    """A compressed checkpoint directory (export/compressed.py) as it is (its weights are 2:4 already), else the
+    model with a magnitude 2:4 mask on every linear but lm_head."""
+    from export.compressed import is_compressed_checkpoint, load_compressed
     from mrp_pass.models import load_model
 
+    if Path(model_name).is_dir() and is_compressed_checkpoint(model_name):
+        return load_compressed(model_name).float().eval()
     model = load_model(model_name).eval()
-    return model, prune_24(model)
+    prune_24(model)
+    return model
 
 
 def prompt_ids(model_name: str, n: int) -> torch.Tensor:
@@ -229,17 +235,17 @@ def generate(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 def model_part(args) -> dict:
     torch.set_num_threads(args.threads)
-    dense, names = load_pruned(args.model)
+    dense = load_pruned(args.model)
     sparse = copy.deepcopy(dense)
     report = cs.sparsify_cpu(sparse)
     n_sparse = sum(r == "sparse" for _, r in report)
-    dense_bytes = sum(dense.get_submodule(n).weight.numel() * 4 for n in names)
+    dense_bytes = sum(dense.get_submodule(n).weight.numel() * 4 for n, r in report if r == "sparse")
     sparse_bytes = sum(sparse.get_submodule(n).weight_nbytes() for n, r in report if r == "sparse")
     print(f"  {n_sparse} of {len(report)} linears sparse; dense-kept: "
           f"{sorted({r for _, r in report if r != 'sparse'}) or 'none'}", flush=True)
 
-    ids = prompt_ids(args.model, 32)
-    long_ids = prompt_ids(args.model, 512)
+    ids = prompt_ids(args.tokenizer, 32)
+    long_ids = prompt_ids(args.tokenizer, 512)
     gen = {}
     med = interleaved({"dense": lambda i: gen.__setitem__("dense", generate(dense, ids, args.new_tokens)),
                        "sparse": lambda i: gen.__setitem__("sparse", generate(sparse, ids, args.new_tokens))},
@@ -275,7 +281,8 @@ def model_part(args) -> dict:
 
 def rss_child(args, variant: str) -> dict:
     """VmRSS after building the model, and VmHWM (peak) after a short generation, in a fresh process."""
-    cmd = [sys.executable, __file__, "--rss-child", variant, "--model", args.model, "--threads", str(args.threads)]
+    cmd = [sys.executable, __file__, "--rss-child", variant, "--model", args.model, "--tokenizer", args.tokenizer,
+           "--threads", str(args.threads)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -292,7 +299,7 @@ def rss_child_main(args) -> None:
     import gc
 
     torch.set_num_threads(args.threads)
-    model, _ = load_pruned(args.model)
+    model = load_pruned(args.model)
     if args.rss_child == "sparse":
         cs.sparsify_cpu(model)
     gc.collect()
@@ -301,7 +308,7 @@ def rss_child_main(args) -> None:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     built = _status_kib("VmRSS")
-    generate(model, prompt_ids(args.model, 32), 16)
+    generate(model, prompt_ids(args.tokenizer, 32), 16)
     print(json.dumps({"rss_built_MiB": built / 1024, "rss_after_generate_MiB": _status_kib("VmRSS") / 1024,
                       "peak_rss_MiB": _status_kib("VmHWM") / 1024}))
 
@@ -373,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="cpu: process CPU time instead of wall time; only with --threads 1, for a machine shared "
                         "with other jobs (time spent descheduled is not counted)")
-    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="a model name / directory (magnitude-pruned here), or a compressed checkpoint directory")
+    p.add_argument("--tokenizer", default="smollm2-135m", help="for the WikiText-2 prompt")
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
     p.add_argument("--shapes", default="smol,llama", help="smol, llama, or OUTxIN,...")
     p.add_argument("--new-tokens", type=int, default=128)
