@@ -134,14 +134,15 @@ def thread_scaling(threads: int) -> list[dict]:
         x = torch.randn(rows, in_f)
         times: dict[str, list[float]] = {}
         calls = {"dense": lambda x=x, w=w: F.linear(x, w), "sparse": lambda x=x, p=packed: cs.sparse24_linear(x, p)}
-        for i in range(16):
+        for _ in range(4):  # blocks of repeats per thread count (switching it on every call perturbs OpenMP)
             for n in (1, threads):
                 torch.set_num_threads(n)
-                for name, fn in calls.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    if i:
-                        times.setdefault(f"{name}_{n}", []).append(time.perf_counter() - t0)
+                for i in range(5):
+                    for name, fn in calls.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        if i:
+                            times.setdefault(f"{name}_{n}", []).append(time.perf_counter() - t0)
         torch.set_num_threads(threads)
         r = {"shape": f"{out_f}x{in_f}", "rows": rows, "threads": threads}
         for key, v in times.items():
@@ -342,7 +343,7 @@ def markdown(result: dict) -> str:
                   for r in result["threshold"]]
         lines.append("")
     if result.get("scaling"):
-        lines += ["### Thread scaling, wall clock (speedup of N threads over 1: from the min / the median of 15)", "",
+        lines += ["### Thread scaling, wall clock (speedup of N threads over 1: from the min / the median of 16)", "",
                   "| out x in | rows | threads | sparse min | sparse median | dense min | dense median |",
                   "|---|---|---|---|---|---|---|"]
         lines += [f"| {r['shape']} | {r['rows']} | {r['threads']} | {r['sparse_speedup_min']:.2f}x | "
@@ -386,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=",".join(map(str, ROWS)))
     p.add_argument("--shapes", default="smol,llama", help="smol, llama, or OUTxIN,...")
     p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--parallel-grain", type=int, default=None,
+                   help="min input groups x token rows per thread before the kernel forks (C++ default 8192)")
     p.add_argument("--gen-repeats", type=int, default=3)
     p.add_argument("--no-rss", dest="rss", action="store_false")
     p.add_argument("--sweep-threshold", action="store_true", help="only the many-rows path comparison")
@@ -406,12 +409,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cpu-sparse kernel unavailable: {why}", file=sys.stderr)
         return 1
     torch.set_num_threads(args.threads)
+    if args.parallel_grain is not None:
+        torch.ops.mrp.sparse24_set_parallel_grain(args.parallel_grain)
     shapes = []
     for s in args.shapes.split(","):
         shapes += {"smol": SMOL_SHAPES, "llama": LLAMA_SHAPES}.get(s) or [tuple(int(v) for v in s.split("x"))]
     result: dict = {"env": {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                             "capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
-                            "kernel": why, "clock": args.clock, "argv": sys.argv[1:]}}
+                            "kernel": why, "clock": args.clock, "parallel_grain": args.parallel_grain,
+                            "argv": sys.argv[1:]}}
     parts = ["threshold"] if args.sweep_threshold else args.parts.split(",")
     bw = None
     if "bandwidth" in parts:

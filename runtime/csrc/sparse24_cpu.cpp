@@ -120,10 +120,15 @@ void run_tokens(const V* vals, const int32_t* pos, int64_t groups, const float* 
   static_assert(kMaxTokens == 4, "the remainder cases above cover 1..3 token rows");
 }
 
-// Grain for at::parallel_for over row blocks: keep tiny layers on one thread (a fork costs a few microseconds).
+// Grain for at::parallel_for over row blocks: a thread gets at least kMinParallelWork (input groups x token rows,
+// 68 bytes of fp32 weights per group) so a tiny layer stays on one thread (a fork costs a few microseconds on an
+// idle machine; on an oversubscribed one a fork waits for the other thread to be scheduled, which can take
+// milliseconds). Set with torch.ops.mrp.sparse24_set_parallel_grain.
+int64_t kMinParallelWork = 8192;
+
 int64_t grain_blocks(int64_t groups, int64_t tokens) {
   const int64_t work_per_block = groups * std::max<int64_t>(tokens, 1);
-  return std::max<int64_t>(1, 8192 / std::max<int64_t>(work_per_block, 1));
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(work_per_block, 1));
 }
 
 void check_layout(const at::Tensor& values, const at::Tensor& positions, int64_t out_features,
@@ -245,11 +250,17 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
   return y.to(x.scalar_type()).reshape(out_sizes);
 }
 
-// Knobs for benchmarks/cpu_sparse.py: the dense-GEMM threshold (rows), and the number of OpenMP threads the
+// Knobs for benchmarks/cpu_sparse.py: the dense-GEMM threshold (rows), the parallel grain, and the number of OpenMP threads the
 // extension itself sees (shows whether it was built with OpenMP: 1 without -fopenmp).
 int64_t set_dense_threshold(int64_t rows) {
   const int64_t old = kDenseFromRows;
   kDenseFromRows = rows;
+  return old;
+}
+
+int64_t set_parallel_grain(int64_t work) {
+  const int64_t old = kMinParallelWork;
+  kMinParallelWork = std::max<int64_t>(work, 1);
   return old;
 }
 
@@ -270,6 +281,7 @@ TORCH_LIBRARY_FRAGMENT(mrp, m) {
         "int in_features) -> Tensor");
   m.def("sparse24_unpack(Tensor values, Tensor positions, int out_features, int in_features) -> Tensor");
   m.def("sparse24_set_dense_threshold(int rows) -> int");
+  m.def("sparse24_set_parallel_grain(int work) -> int");
   m.def("sparse24_parallel_threads() -> int");
 }
 
@@ -280,5 +292,6 @@ TORCH_LIBRARY_IMPL(mrp, CPU, m) {
 
 TORCH_LIBRARY_IMPL(mrp, CompositeExplicitAutograd, m) {
   m.impl("sparse24_set_dense_threshold", &set_dense_threshold);
+  m.impl("sparse24_set_parallel_grain", &set_parallel_grain);
   m.impl("sparse24_parallel_threads", &parallel_threads);
 }
