@@ -14,9 +14,10 @@ $MRP_TRT_CACHE/ext-<hash> (default ~/.cache/mrp_trt/ext-<hash>, hash of the sour
 flags), once per process. Without a compiler, ninja or AVX2/FMA/F16C, `SparseLinear` computes F.linear on the
 unpacked weight instead (same numbers, dense speed) and warns once; `kernel_available()` says which and why.
 
-Many token rows (prefill) are compute-bound: the kernel runs cache-blocked and measured at or above dense
-F.linear up to 512 rows (benchmarks/cpu_sparse.py --sweep-threshold), so its decompress + dense GEMM path is off
-by default; `torch.ops.mrp.sparse24_set_dense_threshold(rows)` turns it on from `rows` token rows (see the C++).
+Many token rows (prefill) are compute-bound: the kernel runs cache-blocked and measured 1.15-1.67x faster than
+dense F.linear at 16..512 rows (benchmarks/cpu_sparse.py --sweep-threshold, 1 thread), so its decompress + dense
+GEMM path is off by default; `torch.ops.mrp.sparse24_set_dense_threshold(rows)` turns it on from `rows` token
+rows (see the C++).
 """
 
 from __future__ import annotations

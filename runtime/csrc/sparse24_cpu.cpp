@@ -38,10 +38,10 @@ constexpr int kRows = 8;        // output rows per block (one __m256 of accumula
 // at ~28 G useful MAC/s, so the simplest register-safe choice.
 constexpr int kMaxTokens = 4;
 // From this many token rows on, decompress the weight into a dense fp32 scratch and call the dense GEMM.
-// Measured (benchmarks/cpu_sparse.py --sweep-threshold, AMD EPYC Zen 4 VM, 2 threads, 16..512 rows, SmolLM2 and
-// 4096x4096 shapes): the blocked sparse kernel was faster than dense F.linear at every row count, and
-// decompress + GEMM slower than both (the decompression and the scratch's page faults cost more than the GEMM
-// saves), so the threshold is off. On CPUs whose FMA units are wider than AVX2's (Intel AVX-512 servers) MKL's
+// Measured (benchmarks/cpu_sparse.py --sweep-threshold --threads 1 --clock cpu, AMD EPYC Zen 4 VM, hot weights,
+// 1536x576, 576x1536, 4096x4096): the blocked sparse kernel took 1.15-1.67x less time than dense F.linear at every
+// row count 16..512 (1.15-1.28x at 512 rows), decompress + GEMM 0.21-0.99x of dense (the decompression and the
+// scratch's page faults cost more than the GEMM saves), so the threshold is off. On CPUs whose FMA units are wider than AVX2's (Intel AVX-512 servers) MKL's
 // GEMM may win at many rows: re-measure there and enable it with torch.ops.mrp.sparse24_set_dense_threshold.
 int64_t kDenseFromRows = int64_t{1} << 62;
 constexpr int64_t kGroupChunk = 256;        // input groups per chunk when blocking for many token rows
