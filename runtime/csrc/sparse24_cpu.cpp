@@ -1,0 +1,297 @@
+// mrp::sparse24_linear: y = x W^T + b for a 2:4 weight W stored compressed, AVX2 + FMA (+ F16C), CPU.
+//
+// Layout (built by runtime/cpu_sparse.py `pack` / `pack_bitmask`): output rows in blocks of 8 (the last block
+// zero-padded), inputs in groups of 4 (g covers inputs 4g..4g+3); per block b and group g:
+//   values[b, g, 0:8]   the 8 rows' first kept values   (row r of the block in lane r)
+//   values[b, g, 8:16]  the 8 rows' second kept values
+//   positions[b, g]     int32, nibble r (bits 4r..4r+3) = p1 | p2 << 2, the two kept inputs of row r in 0..3
+// values are float32, float16 or bfloat16 (products and sums in float32). An fp32 (block, group) is 64 + 4 bytes
+// where the dense weight is 128: the kernel streams 0.53x the bytes of dense F.linear (0.28x for 16-bit values).
+//
+// Kernel: xb = the 4 inputs of group g in both 128-bit lanes; _mm256_permutevar_ps(xb, idx) takes lane r's input
+// from the low 2 bits of idx's lane r, so idx = nibbles >> (4r) selects the first kept inputs and idx >> 2 the
+// second: two permutes and two FMAs per (token, group), no gathers. Up to 4 tokens share each loaded
+// (values, positions); threads split the row blocks (at::parallel_for, OpenMP: build with -fopenmp).
+//
+// Many token rows (prefill) are compute-bound, not memory-bound: the same kernel runs cache-blocked (a tile of
+// token rows x an input chunk of x in L2, a block's weight chunk in L1). It does half the FMAs of dense plus as
+// many permutes, so it stays at or above dense MKL on AVX2-width FMA units. A second path (decompress to a dense
+// float32 scratch, then the dense GEMM) is kept behind a row-count threshold, off by default: see kDenseFromRows.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int kRows = 8;        // output rows per block (one __m256 of accumulators)
+// Token rows sharing one pass over a block's weights, each with two accumulators (first / second kept value).
+// 4 x 2 accumulators + 7 temporaries fill 15 of AVX2's 16 ymm registers. Measured against 6 and 8 token rows
+// with one accumulator each (CPU time, 1 thread, SmolLM2 and 4096x4096 shapes, 1..512 rows): all within noise
+// at ~28 G useful MAC/s, so the simplest register-safe choice.
+constexpr int kMaxTokens = 4;
+// From this many token rows on, decompress the weight into a dense fp32 scratch and call the dense GEMM.
+// Measured (benchmarks/cpu_sparse.py --sweep-threshold --threads 1 --clock cpu, AMD EPYC Zen 4 VM, hot weights,
+// 1536x576, 576x1536, 4096x4096): the blocked sparse kernel took 1.15-1.67x less time than dense F.linear at every
+// row count 16..512 (1.15-1.28x at 512 rows), decompress + GEMM 0.21-0.99x of dense (the decompression and the
+// scratch's page faults cost more than the GEMM saves), so the threshold is off. On CPUs whose FMA units are wider than AVX2's (Intel AVX-512 servers) MKL's
+// GEMM may win at many rows: re-measure there and enable it with torch.ops.mrp.sparse24_set_dense_threshold.
+int64_t kDenseFromRows = int64_t{1} << 62;
+constexpr int64_t kGroupChunk = 256;        // input groups per chunk when blocking for many token rows
+constexpr int64_t kTileBytes = 256 << 10;   // x tile (token rows x input chunk, fp32) kept in L2
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// Lanes 0..n-1 set: masked loads / stores of a partial block (the last rows of a layer).
+inline __m256i row_mask(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// One block of 8 rows x NT token rows over `groups` input groups:
+// y[t * ldy + r] = (accumulate ? y[t * ldy + r] : bias[r]) + sum_g ..., for rows r < nrows.
+template <typename V, int NT>
+inline void block_kernel(const V* __restrict vals, const int32_t* __restrict pos, int64_t groups,
+                         const float* __restrict x, int64_t ldx, float* __restrict y, int64_t ldy,
+                         const float* __restrict bias, int nrows, bool accumulate) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  // Two accumulators per token (first / second kept value) where registers allow: the FMA latency chain is then
+  // one FMA per group, not two (NT = 4: 8 accumulators + 7 temporaries = 15 of the 16 ymm registers).
+  constexpr int NA = NT <= 4 ? 2 : 1;
+  __m256 acc[NT][NA];
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t)
+#pragma GCC unroll 2
+    for (int a = 0; a < NA; ++a) acc[t][a] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const V* v = vals + g * 16;
+    const __m256 v1 = load8(v);
+    const __m256 v2 = load8(v + 8);
+    const __m256i idx1 = _mm256_srlv_epi32(_mm256_set1_epi32(pos[g]), shifts);
+    const __m256i idx2 = _mm256_srli_epi32(idx1, 2);
+    const float* xg = x + 4 * g;
+#pragma GCC unroll 8
+    for (int t = 0; t < NT; ++t) {
+      const __m256 xb = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(xg + t * ldx));
+      acc[t][0] = _mm256_fmadd_ps(v1, _mm256_permutevar_ps(xb, idx1), acc[t][0]);
+      acc[t][NA - 1] = _mm256_fmadd_ps(v2, _mm256_permutevar_ps(xb, idx2), acc[t][NA - 1]);
+    }
+  }
+  const __m256i mask = row_mask(nrows);
+  const __m256 b = (bias != nullptr && !accumulate) ? _mm256_maskload_ps(bias, mask) : _mm256_setzero_ps();
+#pragma GCC unroll 8
+  for (int t = 0; t < NT; ++t) {
+    __m256 s = NA == 2 ? _mm256_add_ps(acc[t][0], acc[t][NA - 1]) : acc[t][0];
+    // accumulate: add the partial sums of the previous input chunks
+    s = _mm256_add_ps(s, accumulate ? _mm256_maskload_ps(y + t * ldy, mask) : b);
+    if (nrows == kRows) {
+      _mm256_storeu_ps(y + t * ldy, s);
+    } else {
+      _mm256_maskstore_ps(y + t * ldy, mask, s);
+    }
+  }
+}
+
+template <typename V>
+void run_tokens(const V* vals, const int32_t* pos, int64_t groups, const float* x, int64_t ldx, float* y,
+                int64_t ldy, const float* bias, int nrows, int64_t tokens, bool acc) {
+  int64_t t = 0;
+  for (; t + kMaxTokens <= tokens; t += kMaxTokens)
+    block_kernel<V, kMaxTokens>(vals, pos, groups, x + t * ldx, ldx, y + t * ldy, ldy, bias, nrows, acc);
+  const int64_t rest = tokens - t;
+  x += t * ldx;
+  y += t * ldy;
+  if (rest == 1) block_kernel<V, 1>(vals, pos, groups, x, ldx, y, ldy, bias, nrows, acc);
+  if (rest == 2) block_kernel<V, 2>(vals, pos, groups, x, ldx, y, ldy, bias, nrows, acc);
+  if (rest == 3) block_kernel<V, 3>(vals, pos, groups, x, ldx, y, ldy, bias, nrows, acc);
+  static_assert(kMaxTokens == 4, "the remainder cases above cover 1..3 token rows");
+}
+
+// Grain for at::parallel_for over row blocks: a thread gets at least kMinParallelWork (input groups x token rows,
+// 68 bytes of fp32 weights per group) so a tiny layer stays on one thread (a fork costs a few microseconds on an
+// idle machine; on an oversubscribed one a fork waits for the other thread to be scheduled, which can take
+// milliseconds). Set with torch.ops.mrp.sparse24_set_parallel_grain.
+int64_t kMinParallelWork = 8192;
+
+int64_t grain_blocks(int64_t groups, int64_t tokens) {
+  const int64_t work_per_block = groups * std::max<int64_t>(tokens, 1);
+  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(work_per_block, 1));
+}
+
+void check_layout(const at::Tensor& values, const at::Tensor& positions, int64_t out_features,
+                  int64_t in_features) {
+  TORCH_CHECK(values.device().is_cpu() && positions.device().is_cpu(), "sparse24_linear: CPU tensors only");
+  TORCH_CHECK(in_features > 0 && in_features % 4 == 0, "sparse24_linear: in_features must be a positive multiple of 4");
+  const int64_t blocks = (out_features + kRows - 1) / kRows, groups = in_features / 4;
+  TORCH_CHECK(out_features > 0, "sparse24_linear: out_features must be positive");
+  TORCH_CHECK(values.dim() == 3 && values.size(0) == blocks && values.size(1) == groups && values.size(2) == 16,
+              "sparse24_linear: values must be [", blocks, ", ", groups, ", 16], got ", values.sizes());
+  TORCH_CHECK(positions.dim() == 2 && positions.size(0) == blocks && positions.size(1) == groups,
+              "sparse24_linear: positions must be [", blocks, ", ", groups, "], got ", positions.sizes());
+  TORCH_CHECK(positions.scalar_type() == at::kInt, "sparse24_linear: positions must be int32");
+  TORCH_CHECK(values.is_contiguous() && positions.is_contiguous(), "sparse24_linear: values/positions must be contiguous");
+  const auto vt = values.scalar_type();
+  TORCH_CHECK(vt == at::kFloat || vt == at::kHalf || vt == at::kBFloat16,
+              "sparse24_linear: values must be float32, float16 or bfloat16, got ", vt);
+}
+
+template <typename V>
+void unpack_rows(const V* vals, const int32_t* pos, int64_t groups, float* w, int64_t in_features, int nrows) {
+  for (int r = 0; r < nrows; ++r) std::memset(w + r * in_features, 0, sizeof(float) * in_features);
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint32_t p = static_cast<uint32_t>(pos[g]);
+    const V* v = vals + g * 16;
+    for (int r = 0; r < nrows; ++r) {
+      const uint32_t nib = (p >> (4 * r)) & 15u;
+      float* row = w + r * in_features + 4 * g;
+      row[nib & 3u] = static_cast<float>(v[r]);
+      row[nib >> 2] = static_cast<float>(v[8 + r]);
+    }
+  }
+}
+
+// The dense float32 [out_features, in_features] weight (parallel over row blocks).
+at::Tensor unpack_dense(const at::Tensor& values, const at::Tensor& positions, int64_t out_features,
+                        int64_t in_features) {
+  const int64_t blocks = values.size(0), groups = values.size(1);
+  at::Tensor w = at::empty({out_features, in_features}, values.options().dtype(at::kFloat));
+  float* wp = w.data_ptr<float>();
+  const int32_t* pp = positions.data_ptr<int32_t>();
+  auto run = [&](auto* vp) {
+    at::parallel_for(0, blocks, std::max<int64_t>(1, 4096 / groups), [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int nrows = static_cast<int>(std::min<int64_t>(kRows, out_features - b * kRows));
+        unpack_rows(vp + b * groups * 16, pp + b * groups, groups, wp + b * kRows * in_features, in_features, nrows);
+      }
+    });
+  };
+  switch (values.scalar_type()) {
+    case at::kFloat: run(values.const_data_ptr<float>()); break;
+    case at::kHalf: run(values.const_data_ptr<c10::Half>()); break;
+    default: run(values.const_data_ptr<c10::BFloat16>()); break;
+  }
+  return w;
+}
+
+at::Tensor sparse24_unpack(const at::Tensor& values, const at::Tensor& positions, int64_t out_features,
+                           int64_t in_features) {
+  check_layout(values, positions, out_features, in_features);
+  return unpack_dense(values, positions, out_features, in_features);
+}
+
+at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& positions,
+                           const std::optional<at::Tensor>& bias, int64_t out_features, int64_t in_features) {
+  check_layout(values, positions, out_features, in_features);
+  TORCH_CHECK(x.device().is_cpu(), "sparse24_linear: x must be a CPU tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "sparse24_linear: x's last dim must be ", in_features,
+              ", got ", x.sizes());
+  TORCH_CHECK(x.is_floating_point(), "sparse24_linear: x must be floating point");
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "sparse24_linear: bias must be [", out_features, "]");
+    b = bias->to(at::kFloat).contiguous();
+  }
+  auto out_sizes = x.sizes().vec();
+  out_sizes.back() = out_features;
+  const int64_t tokens = x.numel() / in_features;
+  at::Tensor x2 = x.reshape({tokens, in_features}).to(at::kFloat).contiguous();
+  if (tokens >= kDenseFromRows) {
+    at::Tensor w = unpack_dense(values, positions, out_features, in_features);
+    at::Tensor y = b.defined() ? at::addmm(b, x2, w.t()) : at::mm(x2, w.t());
+    return y.to(x.scalar_type()).reshape(out_sizes);
+  }
+  at::Tensor y = at::empty({tokens, out_features}, x2.options());
+  if (tokens == 0) return y.to(x.scalar_type()).reshape(out_sizes);
+  const int64_t blocks = values.size(0), groups = values.size(1);
+  const float* xp = x2.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  const int32_t* pp = positions.data_ptr<int32_t>();
+  // Cache blocking for many token rows: a tile of token rows x an input chunk of x stays in L2 while every row
+  // block of the thread passes over it; one block's chunk of weights (8 rows x kGroupChunk groups, 17 KiB fp32)
+  // stays in L1 across the tile's token rows. Decode (one tile) reads each weight byte once, straight through.
+  const int64_t kc = tokens <= kMaxTokens ? groups : std::min<int64_t>(groups, kGroupChunk);
+  const int64_t tile = std::max<int64_t>(kMaxTokens, kTileBytes / (kc * 16) / kMaxTokens * kMaxTokens);
+  auto run = [&](auto* vp) {
+    using V = std::remove_const_t<std::remove_pointer_t<decltype(vp)>>;
+    at::parallel_for(0, blocks, grain_blocks(groups, tokens), [&](int64_t b0, int64_t b1) {
+      for (int64_t t0 = 0; t0 < tokens; t0 += tile) {
+        const int64_t nt = std::min(tile, tokens - t0);
+        for (int64_t g0 = 0; g0 < groups; g0 += kc) {
+          const int64_t ng = std::min(kc, groups - g0);
+          for (int64_t blk = b0; blk < b1; ++blk) {
+            const int nrows = static_cast<int>(std::min<int64_t>(kRows, out_features - blk * kRows));
+            run_tokens<V>(vp + (blk * groups + g0) * 16, pp + blk * groups + g0, ng, xp + t0 * in_features + 4 * g0,
+                          in_features, yp + t0 * out_features + blk * kRows, out_features,
+                          bp ? bp + blk * kRows : nullptr, nrows, nt, g0 > 0);
+          }
+        }
+      }
+    });
+  };
+  switch (values.scalar_type()) {
+    case at::kFloat: run(values.const_data_ptr<float>()); break;
+    case at::kHalf: run(values.const_data_ptr<c10::Half>()); break;
+    default: run(values.const_data_ptr<c10::BFloat16>()); break;
+  }
+  return y.to(x.scalar_type()).reshape(out_sizes);
+}
+
+// Knobs for benchmarks/cpu_sparse.py: the dense-GEMM threshold (rows), the parallel grain, and the number of OpenMP threads the
+// extension itself sees (shows whether it was built with OpenMP: 1 without -fopenmp).
+int64_t set_dense_threshold(int64_t rows) {
+  const int64_t old = kDenseFromRows;
+  kDenseFromRows = rows;
+  return old;
+}
+
+int64_t set_parallel_grain(int64_t work) {
+  const int64_t old = kMinParallelWork;
+  kMinParallelWork = std::max<int64_t>(work, 1);
+  return old;
+}
+
+int64_t parallel_threads() {
+  int64_t seen = 0;
+  at::parallel_for(0, 1024, 1, [&](int64_t, int64_t) {
+#pragma omp atomic
+    seen += 1;
+  });
+  return seen;
+}
+
+}  // namespace
+
+// FRAGMENT rather than TORCH_LIBRARY: Python code may define more mrp:: ops (torch.library) without a clash.
+TORCH_LIBRARY_FRAGMENT(mrp, m) {
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor positions, Tensor? bias, int out_features, "
+        "int in_features) -> Tensor");
+  m.def("sparse24_unpack(Tensor values, Tensor positions, int out_features, int in_features) -> Tensor");
+  m.def("sparse24_set_dense_threshold(int rows) -> int");
+  m.def("sparse24_set_parallel_grain(int work) -> int");
+  m.def("sparse24_parallel_threads() -> int");
+}
+
+TORCH_LIBRARY_IMPL(mrp, CPU, m) {
+  m.impl("sparse24_linear", &sparse24_linear);
+  m.impl("sparse24_unpack", &sparse24_unpack);
+}
+
+TORCH_LIBRARY_IMPL(mrp, CompositeExplicitAutograd, m) {
+  m.impl("sparse24_set_dense_threshold", &set_dense_threshold);
+  m.impl("sparse24_set_parallel_grain", &set_parallel_grain);
+  m.impl("sparse24_parallel_threads", &parallel_threads);
+}
