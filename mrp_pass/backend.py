@@ -434,8 +434,14 @@ def _engine_for(opts: CompileOptions, device: torch.device) -> tuple[str, str]:
 
         capability = current_capability()
     try:
+        cpu_kernel = False
+        if device.type == "cpu" and opts.engine == "auto":
+            from runtime.cpu_sparse import kernel_available
+
+            cpu_kernel = kernel_available()[0]  # builds the extension once (cached on disk)
         return choose_engine(opts.engine, device, tensorrt_installed=graph_engines.installed("torch_tensorrt"),
-                             onnxruntime_installed=graph_engines.installed("onnxruntime"), capability=capability)
+                             onnxruntime_installed=graph_engines.installed("onnxruntime"), capability=capability,
+                             cpu_kernel=cpu_kernel)
     except graph_engines.EngineUnavailableError as e:
         raise EngineUnavailableError(f"mrp_trt: {e}") from None
 

@@ -69,6 +69,10 @@ def _export_args(p: argparse.ArgumentParser) -> None:
 def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine", required=True)
     p.add_argument("--dense", default=None, help="dense engine to compare against in the same run")
+    p.add_argument("--kind", choices=["torch", "cpu-sparse"], default=None,
+                   help="how to run a checkpoint directory --engine: torch (dense, default) or cpu-sparse (the CPU 2:4 "
+                        "kernel on a compressed checkpoint)")
+    p.add_argument("--dtype", default=None, help="cast dense checkpoint engines to this dtype (float32 on a CPU)")
     p.add_argument("--batch", type=batch_sizes, default=[1], help="comma-separated batch sizes")
     p.add_argument("--seqlen", type=positive_int, default=128)
     p.add_argument("--warmup", type=int, default=3)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from export.wrap import parse_dtype
+
 from .bench import BenchResult, benchmark
 from .engines import load
 
@@ -72,8 +74,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     out = check_writable(Path(args.out) if args.out else Path(args.engine).resolve().parent)  # before the runs
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = load(args.engine, device=device)
-    dense = load(args.dense, device=device) if args.dense else None
+    dtype = parse_dtype(args.dtype) if getattr(args, "dtype", None) else None
+    engine = load(args.engine, device=device, engine=getattr(args, "kind", None), dtype=dtype)
+    dense = load(args.dense, device=device, dtype=dtype) if args.dense else None
     print(f"engine: {args.engine} ({engine.describe()})" + (f"\ndense: {args.dense} ({dense.describe()})"
                                                             if dense else ""))
     like = same_engine(engine, dense)

@@ -36,11 +36,13 @@ class Engine:
 
 
 class TorchEngine(Engine):
-    """A torch module (a decompressed checkpoint, a dense HF directory, a TensorRT .ep program)."""
+    """A torch module (a decompressed checkpoint, a dense HF directory, a TensorRT .ep program, a checkpoint on
+    the CPU 2:4 kernel)."""
 
     def __init__(self, module: nn.Module, device: str | torch.device = "cpu", kind: str = "torch",
                  provider: str | None = None) -> None:
         self.module, self.kind, self.device = module, kind, torch.device(device)
+        self.notes: list[str] = []
         self.provider = provider or f"torch ({self.device.type})"
         config = getattr(module, "config", None)
         self.vocab_size = getattr(config, "vocab_size", None)
@@ -227,22 +229,42 @@ def _torch_dtype(np_dtype) -> torch.dtype:
     return torch.from_numpy(np.zeros(1, dtype=np_dtype)).dtype
 
 
-def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = None) -> Engine:
+CHECKPOINT_ENGINES = ("torch", "cpu-sparse")
+
+
+def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = None,
+         engine: str | None = None, dtype: torch.dtype | None = None) -> Engine:
     """A callable engine for `.onnx` (onnxruntime), `.ep` / `.engine` (TensorRT), or a checkpoint directory
-    (compressed 2:4 checkpoint, or a plain Hugging Face model directory as a dense baseline)."""
+    (compressed 2:4 checkpoint, or a plain Hugging Face model directory as a dense baseline).
+
+    `engine` (checkpoint directories): "torch" (default: decompressed, dense) or "cpu-sparse" (a compressed
+    checkpoint's 2:4 linears run by the CPU 2:4 kernel straight from their stored values and positions, never
+    made dense; the other weights in float32). `dtype`: cast a dense checkpoint's model to it (e.g. float32 on
+    a CPU, where an fp16 checkpoint runs slowly)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"engine {path} does not exist")
+    if engine is not None and engine not in CHECKPOINT_ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; for a checkpoint directory choose one of "
+                         f"{', '.join(CHECKPOINT_ENGINES)} (files pick their engine by suffix)")
     if path.is_dir():
         from export.compressed import is_compressed_checkpoint, load_compressed
 
         if is_compressed_checkpoint(path):
-            model = load_compressed(path).to(device)
+            if engine == "cpu-sparse":
+                return _cpu_sparse_checkpoint(path, device)
+            model = load_compressed(path).to(device, dtype)
             return TorchEngine(model, device, kind="compressed checkpoint")
+        if engine == "cpu-sparse":
+            raise ValueError(f"{path}: engine 'cpu-sparse' runs compressed 2:4 checkpoints; write one with "
+                             "`mrp export --format compressed` (or export.save_compressed)")
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32).to(device).eval()
         return TorchEngine(model, device, kind="HF model")
+    if engine is not None:
+        raise ValueError(f"{path}: engine {engine!r} applies to checkpoint directories; files pick their engine by "
+                         "suffix (.onnx, .ep, .engine)")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         return OnnxEngine(path, device=device, providers=providers)
@@ -254,3 +276,42 @@ def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = 
     if suffix in (".engine", ".plan", ".trt"):
         return TensorRTEngine(path)
     raise ValueError(f"{path}: unknown engine kind; expected .onnx, .ep, .engine or a checkpoint directory")
+
+
+def _cpu_sparse_checkpoint(path: Path, device: str) -> TorchEngine:
+    """A compressed checkpoint with its 2:4 linears as SparseLinear (built from values + bitmask), the rest fp32."""
+    from export.compressed import load_compressed
+
+    from .cpu_sparse import SparseLinear, kernel_available
+
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"engine 'cpu-sparse' runs on the CPU, not {device!r}; on a GPU use torch-sparse or TensorRT")
+    dense: dict[str, str] = {}
+
+    def sparse_module(name, values, bitmask, shape, bias):
+        try:
+            return SparseLinear.from_bitmask(values, bitmask, shape, None if bias is None else bias.float())
+        except ValueError as e:  # a layer the kernel cannot take: decompressed, dense
+            dense[name] = str(e)
+            return None
+
+    model = load_compressed(path, sparse_module=sparse_module)
+    for module in model.modules():  # dense parts in fp32 (the CPU's fast dtype); sparse values stay as stored
+        if isinstance(module, SparseLinear):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != torch.float32:
+                p.data = p.data.float()
+        for name, b in module.named_buffers(recurse=False):
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                module._buffers[name] = b.float()
+    engine = TorchEngine(model, "cpu", kind="cpu-sparse", provider="torch (cpu)")
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    available, why = kernel_available()
+    mib = sum(m.weight_nbytes() for m in sparse) / 2**20
+    engine.notes = [f"{len(sparse)} linear layers on the 2:4 kernel ({mib:.1f} MiB of weights), {len(dense)} "
+                    "decompressed", f"kernel: {why}"]
+    engine.notes += [f"{name}: dense ({reason})" for name, reason in dense.items()]
+    if not available:
+        engine.notes.append("the 2:4 kernel is unavailable: the layers run dense (slower than a dense model)")
+    return engine

@@ -7,6 +7,7 @@ and returns the graph's outputs as a tuple.
   onnxruntime  export.to_onnx of the graph (2:4 verified in the file), run by runtime.OnnxEngine
   tensorrt     export.to_tensorrt of the graph (sparse_weights=True), CUDA only
   torch-sparse the graph's 2:4 linears on torch semi-structured sparse tensors (CUDA, sm80+)
+  cpu-sparse   the graph's 2:4 linears on the CPU 2:4 kernel (runtime.cpu_sparse), where it measured faster
 
 The rules of which engine can run where are pure logic (`choose_engine`), tested without a GPU.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-ENGINES = ("auto", "tensorrt", "torch-sparse", "onnxruntime", "inductor", "eager")
+ENGINES = ("auto", "tensorrt", "torch-sparse", "cpu-sparse", "onnxruntime", "inductor", "eager")
 # The forms a plain `x @ W^T + b` takes in a dynamo graph (torch level) and in an exported one (aten level).
 LINEAR_TARGETS = (torch._C._nn.linear, F.linear, torch.ops.aten.linear.default)
 
@@ -38,11 +40,11 @@ def installed(package: str) -> bool:
 
 
 def choose_engine(requested: str, device: torch.device, *, tensorrt_installed: bool, onnxruntime_installed: bool,
-                  capability: tuple[int, int] | None) -> tuple[str, str]:
+                  capability: tuple[int, int] | None, cpu_kernel: bool = False) -> tuple[str, str]:
     """(engine, why) for the graph's device. ``auto``: tensorrt (torch-tensorrt and a CUDA device), then
-    torch-sparse (CUDA with sparse tensor cores, compute capability >= 8.0), then onnxruntime (any
-    device; on a CPU ONNX Runtime is the fastest dense engine with the weights frozen), then inductor.
-    An explicit engine that cannot run here raises EngineUnavailableError."""
+    torch-sparse (CUDA with sparse tensor cores, compute capability >= 8.0), then on a CPU cpu-sparse when the
+    CPU 2:4 kernel is built (`cpu_kernel`), then onnxruntime (the fastest dense engine with the weights
+    frozen), then inductor. An explicit engine that cannot run here raises EngineUnavailableError."""
     cuda = device.type == "cuda"
     sparse_cores = capability is not None and tuple(capability) >= (8, 0)
     if requested not in ENGINES:
@@ -53,6 +55,9 @@ def choose_engine(requested: str, device: torch.device, *, tensorrt_installed: b
         if cuda and sparse_cores:
             return "torch-sparse", (f"auto: CUDA compute capability {capability[0]}.{capability[1]} has sparse tensor "
                                     "cores (install torch-tensorrt for the tensorrt engine)")
+        if not cuda and cpu_kernel:
+            return "cpu-sparse", ("auto: no CUDA device; the CPU 2:4 kernel runs the 2:4 linears where it measured "
+                                  "faster")
         if onnxruntime_installed:
             why = "no CUDA device" if not cuda else "no sparse tensor cores and no torch-tensorrt"
             return "onnxruntime", f"auto: {why}; ONNX Runtime runs the frozen graph with its best provider"
@@ -69,6 +74,9 @@ def choose_engine(requested: str, device: torch.device, *, tensorrt_installed: b
         if not sparse_cores:
             raise EngineUnavailableError(f"engine 'torch-sparse' needs compute capability >= 8.0, this GPU has "
                                          f"{capability}")
+    if requested == "cpu-sparse" and cuda:
+        raise EngineUnavailableError("engine 'cpu-sparse' runs on the CPU; the model and inputs are on CUDA "
+                                     "(use torch-sparse or tensorrt there)")
     if requested == "onnxruntime" and not onnxruntime_installed:
         raise EngineUnavailableError("engine 'onnxruntime' needs onnxruntime: pip install onnxruntime "
                                      "(or onnxruntime-gpu)")
@@ -257,6 +265,69 @@ def torch_sparse_engine(frozen: fx.GraphModule, record: GraphRecord) -> EagerEng
     return EagerEngine(frozen)
 
 
+Timer = Callable[[nn.Module, torch.Tensor], float]
+
+
+def _median_seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first call warms caches (and builds nothing: the kernel is loaded)
+        t0 = time.perf_counter()
+        layer(x)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[repeats // 2]
+
+
+def cpu_sparse_choice(weight: torch.Tensor, bias: torch.Tensor | None, token_counts: tuple[int, ...] = (1, 64),
+                      timer: Timer | None = None) -> tuple[nn.Module | None, str]:
+    """(a SparseLinear, why) when the CPU 2:4 kernel is faster than dense F.linear on this layer at every token
+    count in `token_counts` (timed here, medians of 5), else (None, why it stays dense). `timer(layer, x)` ->
+    seconds replaces the clock in tests."""
+    from export.pattern import is_nm_sparse
+
+    from .cpu_sparse import SparseLinear, pack
+
+    if weight.dim() != 2 or weight.shape[1] % 4 or not is_nm_sparse(weight, 2, 4):
+        return None, "not 2:4"
+    if weight.device.type != "cpu":
+        return None, f"on {weight.device.type}, not the CPU"
+    timer = timer or _median_seconds
+    weight32 = weight.float()
+    bias32 = None if bias is None else bias.float()
+    sparse = SparseLinear(pack(weight32), bias32)
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    dense.weight, dense.bias = nn.Parameter(weight32, False), None if bias32 is None else nn.Parameter(bias32, False)
+    gains = {}
+    with torch.no_grad():
+        for n in token_counts:
+            x = torch.randn(n, weight.shape[1])
+            gains[n] = timer(dense, x) / max(timer(sparse, x), 1e-12)
+    measured = ", ".join(f"{n} rows {g:.2f}x" for n, g in gains.items())
+    if all(g > 1.0 for g in gains.values()):
+        return sparse, f"sparse (dense/sparse time: {measured})"
+    return None, f"dense faster ({measured})"
+
+
+def cpu_sparse_engine(frozen: fx.GraphModule, record: GraphRecord, timer: Timer | None = None) -> EagerEngine:
+    """The frozen graph's constant 2:4 linears on the CPU 2:4 kernel where it measured faster than dense."""
+    from .cpu_sparse import kernel_available
+
+    available, why = kernel_available()
+    record.notes.append(f"cpu-sparse kernel: {why}")
+    if not available:
+        record.notes.append("cpu-sparse: kernel unavailable, every linear stays dense")
+        return EagerEngine(frozen)
+    reasons: dict[str, str] = {}
+
+    def make(name: str, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module | None:
+        module, reasons[name] = cpu_sparse_choice(weight, bias, timer=timer)
+        return module
+
+    done = swap_linears(frozen, make)
+    record.notes.extend(f"{name}: {why}" for name, why in reasons.items())
+    record.notes.append(f"cpu-sparse: {len(done)}/{len(reasons)} linear weights on the 2:4 kernel")
+    return EagerEngine(frozen)
+
+
 def build_engine(engine: str, frozen: fx.GraphModule, record: GraphRecord, output_dir: Path, stem: str,
                  mode: str | None = None, max_engines: int = 4) -> Callable[[list], tuple]:
     """The engine `engine` (a name from ENGINES, not "auto") for a frozen graph; the shape-specialised ones
@@ -271,4 +342,6 @@ def build_engine(engine: str, frozen: fx.GraphModule, record: GraphRecord, outpu
         return TensorRTGraphEngine(frozen, record, output_dir, stem, max_engines=max_engines)
     if engine == "torch-sparse":
         return torch_sparse_engine(frozen, record)
+    if engine == "cpu-sparse":
+        return cpu_sparse_engine(frozen, record)
     raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(e for e in ENGINES if e != 'auto')}")

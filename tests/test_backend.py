@@ -125,15 +125,15 @@ def test_entry_point_without_importing_mrp_pass(tmp_path):
     assert "OK True" in done.stdout
 
 
-def test_mlp_auto_runs_on_onnxruntime_with_engine_file_and_report(tmp_path):
+def test_mlp_on_onnxruntime_with_engine_file_and_report(tmp_path):
     model = MLP()
     x = torch.randn(5, 32)
-    compile_and_check(model, x, opts(tmp_path))
+    compile_and_check(model, x, opts(tmp_path, engine="onnxruntime"))
     for w in linears(model).values():
         assert is_nm_sparse(w)
     report = backend.report_for(model)
     assert report is backend.last_report()
-    assert report.engine == "onnxruntime" and "no CUDA device" in report.reason
+    assert report.engine == "onnxruntime" and report.reason == "requested"
     assert report.pruned_layers == ["fc1", "fc2", "out"]
     files = [Path(f) for f in report.files]
     assert files and all(f.suffix == ".onnx" and f.is_file() and f.parent == tmp_path for f in files)
@@ -159,19 +159,22 @@ def test_tiny_llama_auto(tmp_path):
         expected = reference(x).logits
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
     report = backend.report_for(model)
-    assert report.engine == "onnxruntime"
+    # auto on a CPU with the 2:4 kernel built: cpu-sparse, each 2:4 linear timed dense vs sparse at build
+    assert report.engine == "cpu-sparse" and "no CUDA device" in report.reason
     assert len(report.pruned_layers) == 14  # 7 linears x 2 layers; lm_head (vocabulary projection) skipped
     for name, w in linears(model).items():
         assert is_nm_sparse(w) == (name != "lm_head"), name
         assert torch.equal(w, linears(reference)[name]), name
-    assert any(Path(f).is_file() for f in report.files)
+    notes = [n for g in report.graphs for n in g.notes]
+    assert any(n.startswith("cpu-sparse: ") and n.endswith("/15 linear weights on the 2:4 kernel") for n in notes)
+    assert not report.files
 
 
 # ----------------------------------------------------------------------------------------------
 # Engines available on CPU
 
 
-@pytest.mark.parametrize("engine", ["eager", "onnxruntime"])
+@pytest.mark.parametrize("engine", ["eager", "onnxruntime", "cpu-sparse"])
 def test_engines_on_cpu(tmp_path, engine):
     model = MLP()
     compile_and_check(model, torch.randn(5, 32), opts(tmp_path, engine=engine))
@@ -191,7 +194,7 @@ def test_inductor_engine(tmp_path):
 def test_dtype_float16_on_onnxruntime_returns_model_dtype(tmp_path):
     model = MLP()
     x = torch.randn(5, 32)
-    compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, dtype="float16"))
+    compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, engine="onnxruntime", dtype="float16"))
     with torch.no_grad():
         y = compiled(x)
         expected = model(x)  # the pruned fp32 model
@@ -311,7 +314,7 @@ def test_calibration_absent_warns_and_uses_the_first_call(tmp_path):
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"sparsty": "2:4"}, r"unknown option 'sparsty'; valid options: sparsity, method, blocksize"),
-    ({"engine": "tensorrtt"}, r"unknown engine 'tensorrtt'; valid engines: auto, tensorrt, torch-sparse"),
+    ({"engine": "tensorrtt"}, r"unknown engine 'tensorrtt'; valid engines: auto, tensorrt, torch-sparse, cpu-sparse"),
     ({"sparsity": "3:2"}, r"invalid sparsity '3:2'"),
     ({"method": "obs"}, r"unknown method 'obs'"),
     ({"blocksize": 6}, r"blocksize must be a positive integer multiple of M=4"),

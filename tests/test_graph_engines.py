@@ -20,6 +20,13 @@ def test_choose_engine_logic():
     engine, why = pick("auto", cpu, tensorrt_installed=True, onnxruntime_installed=True, capability=None)
     assert engine == "onnxruntime" and "no CUDA device" in why
     assert pick("auto", cpu, tensorrt_installed=False, onnxruntime_installed=False, capability=None)[0] == "inductor"
+    engine, why = pick("auto", cpu, tensorrt_installed=False, onnxruntime_installed=True, capability=None,
+                       cpu_kernel=True)
+    assert engine == "cpu-sparse" and "CPU 2:4 kernel" in why
+    assert pick("auto", cuda, tensorrt_installed=False, onnxruntime_installed=True, capability=(8, 0),
+                cpu_kernel=True)[0] == "torch-sparse"
+    with pytest.raises(EngineUnavailableError, match="runs on the CPU"):
+        pick("cpu-sparse", cuda, tensorrt_installed=False, onnxruntime_installed=True, capability=(9, 0))
     with pytest.raises(EngineUnavailableError, match="pip install"):
         pick("tensorrt", cuda, tensorrt_installed=False, onnxruntime_installed=True, capability=(9, 0))
     with pytest.raises(EngineUnavailableError, match="compute capability"):
@@ -63,3 +70,28 @@ def test_swap_linears_replaces_constant_linears_and_keeps_the_rest():
     assert done == {"w2": "linear_w2"} and seen == {"w1": ((8, 16), True), "w2": ((4, 8), False)}
     assert [n.op for n in gm.graph.nodes].count("call_module") == 1
     torch.testing.assert_close(gm(x), 2 * expected)
+
+
+
+def test_cpu_sparse_choice_keeps_sparse_only_where_it_measured_faster():
+    from runtime.cpu_sparse import SparseLinear
+    from runtime.graph_engines import cpu_sparse_choice
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 32) * torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat(8)
+    b = torch.randn(16)
+
+    def timer_where(sparse_wins_at):  # fake clock: the sparse layer takes 1 s, dense 2 s where sparse wins
+        def timer(layer, x):
+            if isinstance(layer, SparseLinear):
+                return 1.0
+            return 2.0 if x.shape[0] in sparse_wins_at else 0.5
+        return timer
+
+    module, why = cpu_sparse_choice(w, b, timer=timer_where({1, 64}))
+    assert isinstance(module, SparseLinear) and "1 rows 2.00x" in why
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(module(x), F.linear(x, w, b), atol=1e-5, rtol=1e-5)
+    module, why = cpu_sparse_choice(w, b, timer=timer_where({1}))  # loses at 64 rows: stays dense
+    assert module is None and why.startswith("dense faster") and "64 rows 0.50x" in why
+    assert cpu_sparse_choice(torch.randn(16, 32), None, timer=timer_where({1, 64})) == (None, "not 2:4")

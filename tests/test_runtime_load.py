@@ -130,3 +130,24 @@ def test_mixed_onnxruntime_install_warns(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         import_onnxruntime()
+
+
+def test_cpu_sparse_engine_runs_a_compressed_checkpoint_without_densifying(tmp_path):
+    from runtime.cpu_sparse import SparseLinear
+
+    model = prune_24(tiny_llama())
+    save_compressed(model.half(), tmp_path / "ck")  # fp16 values: the kernel reads them, accumulates in fp32
+    engine = load(tmp_path / "ck", engine="cpu-sparse")
+    assert engine.kind == "cpu-sparse" and engine.notes[0].startswith("14 linear layers on the 2:4 kernel")
+    sparse = [m for m in engine.module.modules() if isinstance(m, SparseLinear)]
+    assert len(sparse) == 14 and all(m.values.dtype == torch.float16 for m in sparse)
+    assert not any(isinstance(m, torch.nn.Linear) and m.weight.shape[0] != VOCAB for m in engine.module.modules())
+    dense = load(tmp_path / "ck", dtype=torch.float32)  # the same fp16 values, decompressed, fp32 compute
+    ids = torch.randint(0, VOCAB, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(engine(ids), dense(ids), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"cpu-sparse.*runs compressed 2:4 checkpoints"):
+        model.float().save_pretrained(tmp_path / "hf")
+        load(tmp_path / "hf", engine="cpu-sparse")
+    with pytest.raises(ValueError, match="unknown engine 'fast'"):
+        load(tmp_path / "ck", engine="fast")
