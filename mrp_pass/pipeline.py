@@ -39,13 +39,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--bench-batch", type=int, default=1)
     ap.add_argument("--bench-seqlen", type=int, default=128)
     ap.add_argument("--bench-iters", type=int, default=10)
+    ap.add_argument("--gen-tokens", type=int, default=64, help="new tokens of the CPU 2:4 generation benchmark")
     ap.add_argument("--full", action="store_true", help="128 x 512 calibration tokens, 64 evaluation windows")
     ap.add_argument("--out", default="results/pipeline")
     args = ap.parse_args(argv)
     if args.full:
         args.calib_samples, args.calib_seqlen, args.eval_windows = 128, 512, 64
     for name in ("calib_samples", "calib_seqlen", "eval_windows", "eval_seqlen", "bench_batch", "bench_seqlen",
-                 "bench_iters"):
+                 "bench_iters", "gen_tokens"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     args.config = PruneConfig(sparsity=args.sparsity, method=args.method)  # checked before minutes of loading
@@ -112,12 +113,48 @@ def run(args: argparse.Namespace) -> dict:
     summary["onnxruntime"] = bench.to_dict()
     summary["onnxruntime_provider"] = sparse_engine.describe()
 
+    t = step(f"CPU 2:4 engine vs dense torch: greedy generation, batch 1, {args.gen_tokens} new tokens, KV cache")
+    summary["cpu_sparse"] = cpu_sparse_generation(out / "compressed-fp16", evals[0][:, :32], args.gen_tokens)
+    print(f"({time.perf_counter() - t:.0f}s)")
+
     if torch.cuda.is_available():
         summary["gpu"] = gpu_engines(model, example, out)
 
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1, default=str))
     print_summary(summary, out)
     return summary
+
+
+@torch.no_grad()
+def cpu_sparse_generation(checkpoint: Path, prompt: torch.Tensor, new_tokens: int, repeats: int = 2) -> dict:
+    """Tokens/s of greedy generation, the compressed checkpoint on the CPU 2:4 kernel vs the same weights
+    decompressed and dense (fp32), timed alternately in one run; the generated tokens must be equal."""
+    from runtime import load
+    from runtime.cpu_sparse import SparseLinear
+
+    sparse = load(checkpoint, engine="cpu-sparse")
+    dense = load(checkpoint, dtype=torch.float32)
+    kw = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    seconds: dict[str, list[float]] = {"dense": [], "cpu-sparse": []}
+    tokens = {}
+    for _ in range(repeats):
+        for name, engine in (("dense", dense), ("cpu-sparse", sparse)):
+            t0 = time.perf_counter()
+            tokens[name] = engine.module.generate(prompt, attention_mask=torch.ones_like(prompt), **kw)
+            seconds[name].append(time.perf_counter() - t0)
+    best = {name: min(s) for name, s in seconds.items()}
+    layers = [m for m in sparse.module.modules() if isinstance(m, SparseLinear)]
+    sparse_bytes = sum(m.weight_nbytes() for m in layers)
+    dense_bytes = sum(m.out_features * m.in_features * 4 for m in layers)
+    result = {"tokens_per_s_dense": new_tokens / best["dense"],
+              "tokens_per_s_cpu_sparse": new_tokens / best["cpu-sparse"], "speedup": best["dense"] / best["cpu-sparse"],
+              "same_tokens": bool(torch.equal(tokens["dense"], tokens["cpu-sparse"])), "sparse_layers": len(layers),
+              "weight_bytes_ratio": sparse_bytes / dense_bytes, "notes": sparse.notes,
+              "threads": torch.get_num_threads()}
+    print(f"dense {result['tokens_per_s_dense']:.1f} tok/s, cpu-sparse {result['tokens_per_s_cpu_sparse']:.1f} tok/s "
+          f"({result['speedup']:.2f}x), same tokens: {result['same_tokens']}; {len(layers)} layers on the kernel, "
+          f"their weights {result['weight_bytes_ratio']:.3f}x of dense fp32")
+    return result
 
 
 def gpu_engines(model, example, out: Path) -> dict:
@@ -165,6 +202,11 @@ def print_summary(s: dict, out: Path) -> None:
         ("ONNX Runtime latency dense (mean)", f"{ort['dense']['mean_ms']:.1f} ms" if ort.get("dense") else "-"),
         ("ONNX Runtime dense / pruned", f"{ort['speedup']:.3f}x" if ort.get("speedup") else "-"),
     ]
+    cs = s.get("cpu_sparse")
+    if cs:
+        rows += [("CPU 2:4 generation, dense / cpu-sparse tok/s", f"{cs['tokens_per_s_dense']:.1f} / "
+                  f"{cs['tokens_per_s_cpu_sparse']:.1f} ({cs['speedup']:.2f}x, same tokens: {cs['same_tokens']})"),
+                 ("CPU 2:4 weights / dense fp32 (pruned linears)", f"{cs['weight_bytes_ratio']:.3f}")]
     for name, value in (s.get("gpu") or {}).items():
         rows.append((f"GPU {name}", f"{value['speedup']:.2f}x vs dense" if isinstance(value, dict) else value))
     width = max(len(r[0]) for r in rows)
