@@ -549,9 +549,11 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
         count = len(state.singular)
         msg = (f"H is singular for {count} layer group{'s' if count > 1 else ''} despite enough tokens: numerical "
                f"rank {rank} of {live} inputs at {names[0]}" + (" (and others)" if count > 1 else "") + " "
-               "(duplicated features or near-identical calibration samples). The relative error is measured on "
-               "the calibration inputs only, so it can read near zero while the pruned weights are unconstrained "
-               "(held by damping alone) in the directions those inputs never take; use more varied calibration data")
+               "(duplicated features, near-identical calibration samples, or an early layer whose inputs are "
+               "low-rank, as SmolLM2's layer-0 attention output). The relative error is measured on the calibration "
+               "inputs only, so it can read near zero while the pruned weights are unconstrained (held by damping "
+               "alone) in the directions those inputs never take; if many groups are listed, use more varied "
+               "calibration data")
         report.notes.append(msg)
         warnings.warn(f"mrp_pass: {msg}", UserWarning, stacklevel=3)
     report.seconds = time.perf_counter() - t0
