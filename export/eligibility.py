@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .pattern import is_nm_sparse
+from .table import format_table
 
 # Sparse tensor cores exist from Ampere (compute capability 8.0) on: A100, A10, RTX 30xx, L4, H100, H200.
 MIN_CAPABILITY = (8, 0)
@@ -184,9 +185,7 @@ class EligibilityReport:
                  cell(e.torch_sparse, e.is_2_4), cell(e.cutlass, e.is_2_4), cell(e.tensorrt, e.is_2_4)]
                 for e in self.layers]
         shown = rows if max_rows is None or len(rows) <= max_rows else rows[:max_rows]
-        widths = [max(len(str(r[i])) for r in [head, *shown]) for i in range(len(head))]
-        lines = ["  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip() for r in [head, *shown]]
-        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines = format_table(head, shown).split("\n")
         if len(shown) < len(rows):
             lines.append(f"... {len(rows) - len(shown)} more layers (see the JSON report)")
         c = self.counts()

@@ -33,6 +33,7 @@ from torch.fx._pytree import tree_flatten_spec
 from torch.fx.node import map_arg
 
 from export.atomic import atomic_write_text
+from export.table import format_table
 
 from . import distributed
 from .config import UNSET, PruneConfig, matches
@@ -105,18 +106,16 @@ class PruneReport:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __str__(self) -> str:
-        width = max([len(layer.name) for layer in self.layers] + [5])
-        lines = [f"{'layer':<{width}}  {'shape':>11}  {'sparsity':>8}  {'rel.err':>9}  {'seconds':>7}  note"]
+        rows = []
         for layer in self.layers:
             shape = "x".join(map(str, layer.shape))
             if layer.skipped is None:
-                err = f"{layer.relative_error:9.3e}" if layer.relative_error is not None else f"{'-':>9}"
-                lines.append(f"{layer.name:<{width}}  {shape:>11}  {layer.sparsity:8.1%}  {err}  {layer.seconds:7.2f}"
-                             f"  group {layer.group}")
+                err = f"{layer.relative_error:.3e}" if layer.relative_error is not None else "-"
+                rows.append([layer.name, shape, f"{layer.sparsity:.1%}", err, f"{layer.seconds:.2f}",
+                             f"group {layer.group}"])
             else:
-                dash = "-"
-                lines.append(f"{layer.name:<{width}}  {shape:>11}  {dash:>8}  {dash:>9}  {dash:>7}"
-                             f"  skipped: {layer.skipped}")
+                rows.append([layer.name, shape, "-", "-", "-", f"skipped: {layer.skipped}"])
+        lines = [format_table(["layer", "shape", "sparsity", "rel.err", "seconds", "note"], rows, right=(1, 2, 3, 4))]
         lines.append(
             f"{self.method} {self.sparsity}: {len(self.pruned)} layers pruned, {len(self.skipped)} skipped, "
             f"mean relative error {self.mean_relative_error:.3e}, solve {self.solve_seconds:.1f} s, "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from export.table import format_table as table
 from export.wrap import parse_dtype
 
 from .bench import BenchResult, benchmark
@@ -28,9 +29,7 @@ def format_table(rows: list[dict]) -> str:
                       f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput']:.0f} {r['unit']}",
                       f"{d['mean_ms']:.2f}" if d else "-", f"{r['speedup']:.3f}x" if r.get("speedup") else "-",
                       f"{cross:.3f}x" if cross else "-"])
-    widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    fmt = lambda row: "  ".join(v.rjust(w) for v, w in zip(row, widths))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    return table(head, lines, right=range(len(head)))
 
 
 def same_engine(engine, dense) -> bool:
