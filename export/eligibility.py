@@ -59,10 +59,14 @@ TORCH_SHAPE_RULES: dict[str, dict[torch.dtype, tuple[int, int]]] = {
 TENSORRT_DTYPES = {torch.float16: 16, torch.int8: 32}
 
 
+# torch.sparse's tensor class of each semi-structured backend.
+TORCH_SPARSE_CLASSES = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT",
+                        "cutlass": "SparseSemiStructuredTensorCUTLASS"}
+
+
 def torch_shape_rules(backend: str) -> dict[torch.dtype, tuple[int, int]]:
     """(min rows, min cols) per dtype for `backend` ('cusparselt' | 'cutlass'), from torch itself when possible."""
-    cls_name = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT", "cutlass": "SparseSemiStructuredTensorCUTLASS"}
-    cls = getattr(torch.sparse, cls_name[backend], None)
+    cls = getattr(torch.sparse, TORCH_SPARSE_CLASSES[backend], None)
     table = getattr(cls, "_DTYPE_SHAPE_CONSTRAINTS", None)
     if isinstance(table, dict) and table:
         return {dt: (c.sparse_min_rows, c.sparse_min_cols) for dt, c in table.items()}

@@ -25,6 +25,7 @@ from torch import nn
 
 from export.eligibility import (
     MIN_CAPABILITY,
+    TORCH_SPARSE_CLASSES,
     TWO_FOUR_DTYPES,
     backend_capability_reason,
     capability_reason,
@@ -39,7 +40,6 @@ TOKEN_COUNTS = (1, 16, 128, 2048)
 MARGIN = 0.03
 # where semi-structured weights live (benchmarks/gpu_check.py --smoke emulates the kernels on the CPU)
 DEVICE_TYPE = "cuda"
-_CLASSES = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT", "cutlass": "SparseSemiStructuredTensorCUTLASS"}
 
 
 @dataclass
@@ -141,7 +141,7 @@ def to_semi_structured(weight: torch.Tensor, backend: str) -> torch.Tensor:
     if weight.dtype not in TWO_FOUR_DTYPES:
         raise ValueError(f"{_dtype_name(weight.dtype)} weights do not run 2:4 (float32 is 1:2 TF32 in these "
                          f"kernels): cast to float16 or bfloat16 first")
-    return getattr(torch.sparse, _CLASSES[backend]).from_dense(weight.detach().contiguous())
+    return getattr(torch.sparse, TORCH_SPARSE_CLASSES[backend]).from_dense(weight.detach().contiguous())
 
 
 def search_cusparselt_alg(sparse_weight: torch.Tensor, tokens: int) -> int | None:
