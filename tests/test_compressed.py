@@ -205,14 +205,20 @@ def _as_another_writer(directory) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def test_tied_head_of_another_writer_is_taken_from_tie_word_embeddings(tmp_path):
-    from runtime import load
-
+def _tied_checkpoint_of_another_writer(directory):
+    """A tied tiny Llama saved, then rewritten as another writer stores it (no private metadata); the model."""
     model = _tiny_llama(torch.float32)
     model.config.tie_word_embeddings = True
     model.tie_weights()
-    save_compressed(model, tmp_path / "ck")
-    _as_another_writer(tmp_path / "ck")
+    save_compressed(model, directory)
+    _as_another_writer(directory)
+    return model
+
+
+def test_tied_head_of_another_writer_is_taken_from_tie_word_embeddings(tmp_path):
+    from runtime import load
+
+    model = _tied_checkpoint_of_another_writer(tmp_path / "ck")
     loaded = load_compressed(tmp_path / "ck")
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     _assert_same(model, loaded)
@@ -226,11 +232,7 @@ def test_tied_head_of_another_writer_is_taken_from_tie_word_embeddings(tmp_path)
 def test_missing_weights_still_raise(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    model = _tiny_llama(torch.float32)
-    model.config.tie_word_embeddings = True
-    model.tie_weights()
-    save_compressed(model, tmp_path / "ck")
-    _as_another_writer(tmp_path / "ck")
+    _tied_checkpoint_of_another_writer(tmp_path / "ck")
     config_path = tmp_path / "ck" / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "tie_word_embeddings": False}))
