@@ -55,7 +55,9 @@ class Hessian:
         n = int(live.sum())
         if n == 0:
             return 0, 0
-        sub = h[live][:, live].double()
+        # In H's own precision, as the tolerance assumes: float64 took 1.17 s for a 1536-wide H (10x float32),
+        # about 40 s of a SmolLM2 pass, and gave the same ranks on its layers (386, 140, 1535, 575 of 576-1536).
+        sub = h[live][:, live]
         eig = torch.linalg.eigvalsh(sub)
         tol = n * torch.finfo(h.dtype).eps * eig[-1].clamp(min=0)
         return int((eig > tol).sum()), n
