@@ -17,6 +17,7 @@ from .sparsity import Sparsity, parse_sparsity
 
 LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str | type] | None
 ON_ERROR = ("rollback", "keep_partial")
+TARGETS = ("pruned", "dense")
 
 
 class _Unset:
@@ -45,7 +46,14 @@ class PruneConfig:
     (name, module or None, [out, in] shape) -> bool, or a list of name regular expressions and module classes.
     device: where calibration runs (None: the calibration tensors' device). on_error: "rollback" restores
     every written weight when the pass fails, "keep_partial" keeps what was pruned. The solver options
-    (mask_rule, refit_blocksize, swap_iters, refit, solver_dtype) go to `mrp_pass.solve`; None = its default."""
+    (mask_rule, refit_blocksize, swap_iters, refit, solver_dtype) go to `mrp_pass.solve`; None = its default.
+    targets: what each layer is fitted to reproduce on the calibration inputs it sees in the partly pruned model:
+    "pruned" its own dense output on those inputs (SparseGPT's protocol), or "dense" the output it gives in the
+    dense model (asymmetric calibration: the pass runs the dense model beside the pruned one and fits
+    W* = W (I + G H^-1), G the moment of the inputs' drift; costs a second forward, G's accumulation and the
+    dense activations' memory). dense_fraction: the share of the calibration samples (the first ones; each rank's
+    own) the dense model runs on to estimate G (H always uses every sample): the dense walk's time and memory
+    scale with it."""
 
     sparsity: Sparsity | str | float = "2:4"
     method: str = "mrp"
@@ -60,6 +68,8 @@ class PruneConfig:
     swap_iters: int | None = None
     refit: str | None = None
     solver_dtype: torch.dtype = torch.float32
+    targets: str = "pruned"
+    dense_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         # not a field (callers list the fields): which block size was chosen and why, when none was given
@@ -73,6 +83,11 @@ class PruneConfig:
                                f"{DEFAULT_BLOCKSIZE} (no blocksize given)")
         sp = check_options(self.sparsity, self.method, self.blocksize, self.percdamp, self.mask_rule, self.refit)
         object.__setattr__(self, "sparsity", sp)
+        if self.targets not in TARGETS:
+            raise ValueError(f"unknown targets {self.targets!r}; choose one of {', '.join(TARGETS)}")
+        df = self.dense_fraction
+        if isinstance(df, bool) or not isinstance(df, (int, float)) or not 0 < df <= 1:
+            raise ValueError(f"dense_fraction must be a number in (0, 1], got {df!r}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"unknown on_error {self.on_error!r}; choose one of {', '.join(ON_ERROR)}")
         rb = self.refit_blocksize

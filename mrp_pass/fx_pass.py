@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import inspect
 import io
 import json
@@ -38,7 +39,7 @@ from export.table import format_table
 from . import distributed
 from .config import UNSET, PruneConfig, matches
 from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
-from .hessian import Hessian, HessianOverflowError
+from .hessian import DriftMoment, Hessian, HessianOverflowError, dense_target_map
 from .solvers import solve
 
 log = logging.getLogger(__name__)
@@ -345,11 +346,14 @@ def _retarget(value, device: torch.device):
 
 
 class _Walk:
-    """Executes a graph over all calibration samples node by node, pruning groups on the way."""
+    """Executes a graph over all calibration samples node by node, pruning groups on the way.
+    `weights`: get_attr targets read from this dict instead of the graph when present (the dense walk of
+    targets="dense" reads the original weights of the layers already pruned)."""
 
     def __init__(self, gm: fx.GraphModule, inputs: list[list], device: torch.device, retarget: bool,
-                 sites: list[LinearSite]):
+                 sites: list[LinearSite], weights: dict[str, torch.Tensor] | None = None):
         self.gm, self.device, self.retarget = gm, device, retarget
+        self.weights = weights if weights is not None else {}
         self.nsamples = len(inputs)
         self.nodes = list(gm.graph.nodes)
         self.inputs = inputs
@@ -399,7 +403,8 @@ class _Walk:
 
     def call(self, node: fx.Node, i: int, lazy_values: dict):
         if node.op == "get_attr":
-            value = fetch_attr(self.gm, node.target)
+            value = self.weights.get(node.target)
+            value = fetch_attr(self.gm, node.target) if value is None else value
             return value.to(self.device) if isinstance(value, torch.Tensor) else value
         args = map_arg(node.args, lambda a: self.lookup(a, i, lazy_values))
         kwargs = map_arg(node.kwargs, lambda a: self.lookup(a, i, lazy_values))
@@ -493,6 +498,14 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
     # What the pass wrote, to undo it: target -> (the stored tensor, a CPU copy of its old value). Kept only in
     # "rollback" mode (it costs a CPU copy of every pruned weight).
     state = _PassState(backups={} if config.on_error == "rollback" else None, ranks=ranks)
+    # targets="dense": the dense model walks beside the pruned one, reading the original weights (the CPU copies
+    # kept for rollback, or copies of their own); it holds a second set of live activations.
+    dense_walk = None
+    if config.targets == "dense":
+        state.originals = {}
+        share = inputs[:max(1, round(config.dense_fraction * len(inputs)))]  # G from the first samples only
+        dense_walk = _Walk(gm, share, calib_device, retarget=device is not None, sites=sites,
+                           weights=state.originals)
     bar = _progress_bar(len(todo), config.progress and distributed.is_main(ranks))
     try:
         for node in walk.nodes:
@@ -502,11 +515,13 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
             if site is not None and (site.input, site.weight_left) not in done:
                 group = groups[site.input, site.weight_left]
                 _prune_group(gm, group, len(done), walk.input_values(site.input), config, calib_device, entries,
-                             bar, state)
+                             bar, state, dense_walk and dense_walk.input_values(site.input))
                 done.add((site.input, site.weight_left))
                 walk.refresh([n for s in group for n in s.weight_chain])
             try:
                 walk.run_node(node)
+                if dense_walk is not None:
+                    dense_walk.run_node(node)
             except Exception as e:  # name the place: a shape or dtype error of the calibration data shows up here
                 _note(e, f"mrp_pass: while running the calibration samples through graph node {node.name} "
                          f"({getattr(node.target, '__name__', node.target)})")
@@ -567,6 +582,7 @@ class _PassState:
     rank_deficient: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (tokens, width, names)
     singular: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (rank, live inputs, names)
     ranks: distributed.Context | None = None  # the process group (None: one process), see distributed.py
+    originals: dict[str, torch.Tensor] | None = None  # targets="dense": target -> the weight before pruning
 
 
 def _rollback(state: _PassState, error: BaseException) -> None:
@@ -586,14 +602,19 @@ def _progress_bar(total: int, enabled: bool):
 
 
 def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: list, config: PruneConfig,
-                 device: torch.device, entries: dict, bar, state: _PassState) -> None:
-    """One Hessian over every sample of the group's shared input, then each layer solved and written back."""
+                 device: torch.device, entries: dict, bar, state: _PassState, dense_xs: list | None = None) -> None:
+    """One Hessian over every sample of the group's shared input, then each layer solved and written back.
+    dense_xs (targets="dense"): the same input in the dense model, sample by sample; each layer is then fitted
+    to W* = W (I + G H^-1) (`hessian.dense_target_map`)."""
     names = [s.name for s in group]
     state.current = names[0]
     hessian = Hessian(group[0].in_features, device=device)
+    drift = DriftMoment(group[0].in_features, device=device) if dense_xs is not None else None
     for i, x in enumerate(xs):
         try:
             hessian.add(group[0].inputs(x))
+            if drift is not None and i < len(dense_xs):  # dense_fraction < 1: the dense walk ran on the first samples
+                drift.add(group[0].inputs(dense_xs[i]), group[0].inputs(x))
         except HessianOverflowError as e:  # finite activations, H overflowed: say that, not "NaN in the inputs"
             raise FloatingPointError(f"calibrating {', '.join(names)} (sample {i}): {e}") from None
         except FloatingPointError:
@@ -603,6 +624,9 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
         except ValueError as e:  # an input of the wrong width: the calibration tensors do not fit the model
             raise ValueError(f"calibration sample {i} does not fit layer {names[0]}: {e}") from None
     distributed.reduce_hessian(state.ranks, hessian)  # every rank's tokens (no-op for one process)
+    if drift is not None:
+        distributed.reduce_hessian(state.ranks, drift)
+        target_map = dense_target_map(drift.matrix, hessian.matrix, config.percdamp)
     if hessian.nsamples < group[0].in_features:  # rank(H) <= tokens: only the damping makes H invertible
         state.rank_deficient.append((hessian.nsamples, group[0].in_features, names))
         log.info("%s: %d calibration tokens for %d inputs: H is rank-deficient", names[0], hessian.nsamples,
@@ -616,32 +640,62 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
         # least half of the input directions are never seen: duplicated features, near-identical samples.
         if 2 * rank <= live:
             state.singular.append((rank, live, names))
-    for s in group:
-        state.current = s.name
-        stored = fetch_attr(gm, s.target)
-        weight = stored.detach().to(device)  # on the calibration device only while solving
-        try:
-            result = distributed.solve(state.ranks, solve,  # one process: solve itself; else a share of the rows
-                                       weight.T if s.transposed else weight, hessian.matrix, config.sparsity,
-                                       config.method, config.blocksize, config.percdamp, **config.solver_kwargs)
-        except (RuntimeError, ArithmeticError) as e:  # LinAlgError, FloatingPointError, ...: say which layer
-            _note(e, f"mrp_pass: while solving layer {s.name} {s.shape}")
-            raise
-        new = (result.weight.T if s.transposed else result.weight).to(stored.dtype)
+    # One solve for the whole group: the layers share H, and every solver treats rows independently given H, so
+    # stacking their rows (q, k, v; gate, up) gives each layer its own answer while the group pays once for H's
+    # factorisations (damped inverse, Cholesky, ADMM's eigendecomposition) and runs larger GEMMs.
+    stored = [fetch_attr(gm, s.target) for s in group]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in stored])
+    parts = [(t.detach().T if s.transposed else t.detach()).to(device=device, dtype=dtype)
+             for s, t in zip(group, stored)]
+    weight = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if drift is not None:
+        weight = (weight.float() @ target_map).to(dtype)
+    state.current = names[0] if len(group) == 1 else f"{names[0]} (solved with {', '.join(names[1:])})"
+    try:
+        result = distributed.solve(state.ranks, solve,  # one process: solve itself; else a share of the rows
+                                   weight, hessian.matrix, config.sparsity,
+                                   config.method, config.blocksize, config.percdamp, **config.solver_kwargs)
+    except (RuntimeError, ArithmeticError) as e:  # LinAlgError, FloatingPointError, ...: say which layer
+        _note(e, f"mrp_pass: while solving layer{'s' if len(group) > 1 else ''} {', '.join(names)} "
+                 f"{[s.shape for s in group]}")
+        raise
+    news = []
+    for s, t, rows in zip(group, stored, result.weight.split([p.shape[0] for p in parts])):
+        new = (rows.T if s.transposed else rows).to(t.dtype)
         if not torch.isfinite(new).all():  # never write NaN / Inf (e.g. a compensated weight past fp16's range)
-            raise FloatingPointError(f"layer {s.name}: the solved weight has NaN or Inf in {stored.dtype}; "
+            raise FloatingPointError(f"layer {s.name}: the solved weight has NaN or Inf in {t.dtype}; "
                                      "it was not written")
+        news.append(new)
+    # Each layer's own loss and relative error (the solve reports the stack's): per-row sums of 1/2 dW H dW^T.
+    row_loss = _row_losses(result.weight - weight, hessian.matrix)
+    row_ref = _row_losses(weight, hessian.matrix)
+    r0 = 0
+    for s, t, new, part in zip(group, stored, news, parts):
+        state.current = s.name
         if state.backups is not None and s.target not in state.backups:
-            state.backups[s.target] = (stored, stored.detach().to("cpu", copy=True))
-        stored.copy_(new)  # in place: the model's own tensor (and any alias of it) now holds the pruned weight
+            state.backups[s.target] = (t, t.detach().to("cpu", copy=True))
+        if state.originals is not None and s.target not in state.originals:  # the dense walk reads it from now on
+            state.originals[s.target] = (state.backups[s.target][1] if state.backups is not None
+                                         else t.detach().clone())
+        t.copy_(new)  # in place: the model's own tensor (and any alias of it) now holds the pruned weight
         state.finished.add(s)
+        rows = slice(r0, r0 + part.shape[0])
+        r0 = rows.stop
+        loss, ref = float(row_loss[rows].sum()), float(row_ref[rows].sum())
         e = entries[s]
         e.sparsity = float((new == 0).float().mean())
-        e.relative_error, e.loss, e.seconds = result.relative_error, result.loss, result.seconds
+        e.relative_error = loss / ref if ref > 0 else (0.0 if loss == 0 else math.inf)
+        e.loss, e.seconds = loss, result.seconds * part.shape[0] / weight.shape[0]  # the group's time, by rows
         e.group, e.tokens = index, hessian.nsamples
-        log.debug("pruned %s %s: relative error %.3e", s.name, s.shape, result.relative_error)
+        log.debug("pruned %s %s: relative error %.3e", s.name, s.shape, e.relative_error)
         bar.set_postfix_str(s.name, refresh=False)
         bar.update(1)
+
+
+def _row_losses(dw: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """1/2 dw H dw^T of every row, in float64 (as `solvers.layer_loss`)."""
+    dw, h = dw.double(), hessian.to(dw.device).double()
+    return 0.5 * ((dw @ h) * dw).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,6 +62,46 @@ class Hessian:
         tol = n * torch.finfo(h.dtype).eps * eig[-1].clamp(min=0)
         return int((eig > tol).sum()), n
 
+class DriftMoment:
+    """Streaming G = 2/N * sum_t (d_t - x_t) x_t^T over paired rows: d_t the input a layer sees in the dense model,
+    x_t the one it sees in the partly pruned model (same token). With H = 2/N sum x x^T, the weight that best
+    reproduces the dense output W d from the pruned inputs is W (I + G H^-1) (asymmetric calibration,
+    `PruneConfig.targets`). `matrix` and `nsamples` as `Hessian`'s, so the same reductions apply; G is exactly 0
+    where the inputs did not drift."""
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.matrix = torch.zeros(in_features, in_features, dtype=dtype, device=device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add(self, dense: torch.Tensor, x: torch.Tensor) -> None:
+        if dense.shape != x.shape:
+            raise ValueError(f"dense inputs {tuple(dense.shape)} and pruned inputs {tuple(x.shape)} differ in shape")
+        x = x.reshape(-1, x.shape[-1]).to(self.matrix)
+        drift = dense.reshape(-1, dense.shape[-1]).to(self.matrix) - x
+        t = x.shape[0]
+        if t == 0:
+            return
+        total = self.nsamples + t
+        self.matrix.addmm_(drift.T, x, beta=self.nsamples / total, alpha=2.0 / total)
+        self.nsamples = total
+        if not torch.isfinite(self.matrix).all():
+            raise FloatingPointError("the dense model's calibration activations contain NaN or Inf")
+
+
+def dense_target_map(drift: torch.Tensor, hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """M = I + G (H + lambda I)^-1, with W* = W M the weight whose output on the pruned inputs X is closest to the
+    dense output W D: min ||W* X - W D||^2 gives W* = W D X^T (X X^T)^-1 = W (I + G H^-1). H is damped as the
+    solvers damp it, in the correction only: where the inputs did not drift (G = 0, the first layers) W* = W
+    exactly, not a shrunk W H (H + lambda I)^-1. Minimising ||W' X - W D||^2 over pruned W' is then the usual
+    problem min ||(W' - W*) X||^2 (the two differ by a constant), so every solver applies unchanged to W*.
+    Float64 inside, `drift`'s dtype out; one M serves every layer of a group."""
+    _, h_inv = damped_hessian(hessian.to(torch.float64), percdamp)
+    m = drift.to(torch.float64) @ h_inv
+    m.diagonal().add_(1.0)
+    return m.to(drift.dtype)
+
+
 def damped_inverse(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
     """(H + lambda I)^-1 with lambda = percdamp * mean(diag H): see `damped_hessian`."""
     return damped_hessian(hessian, percdamp, max_tries)[1]
