@@ -95,8 +95,8 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
     config = PruneConfig(sparsity=args.sparsity, method=args.method, blocksize=args.blocksize, percdamp=args.percdamp,
                          mask_rule=mask_rule, device=_prune_device(args, nproc),
                          progress=not getattr(args, "no_progress", False))
-    if getattr(args, "targets", None):
-        config = PruneConfig.build(config, targets=args.targets)
+    extra = {k: getattr(args, k, None) for k in ("targets", "dense_fraction")}
+    config = PruneConfig.build(config, **{k: v for k, v in extra.items() if v is not None})
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
         if value <= 0:
             raise ValueError(f"{flag} must be a positive integer, got {value}")
@@ -113,7 +113,9 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
     model = load_model(args.model)  # stays on the CPU: weights visit `device` while their layer is calibrated
     tokenizer = load_tokenizer(args.model)
     calib = calibration_windows(tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
-    how = args.method + (f" (mask rule {mask_rule})" if mask_rule else "") + f", {config.targets} targets"
+    how = args.method + (f" (mask rule {mask_rule})" if mask_rule else "") + (
+        f", dense targets (dense model on {config.dense_fraction:.0%} of the samples)" if config.targets == "dense"
+        else "")
     on = f"device {config.device}" + (f", {ranks.world} ranks" if ranks else "")
     if main:
         print(f"pruning {args.model} to {args.sparsity} with {how} on {len(calib)} x {args.calib_seqlen} "

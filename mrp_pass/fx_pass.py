@@ -56,7 +56,7 @@ class LayerReport:
     shape: tuple[int, int]  # [out, in] as the linear sees it
     method: str
     sparsity: float = 0.0  # achieved fraction of zero weights
-    relative_error: float | None = None  # ||dW X||^2 / ||W X||^2 on the calibration inputs
+    relative_error: float | None = None  # ||dW X||^2 / ||W X||^2 on the calibration inputs (targets="dense": W*)
     loss: float | None = None  # 1/2 tr(dW H dW^T)
     seconds: float = 0.0  # solve time (the Hessian's accumulation is shared by the group)
     group: int | None = None  # layers with one group index shared one Hessian (same input node)
@@ -71,6 +71,7 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     sparsity: str = ""
     method: str = ""
+    targets: str = "pruned"  # PruneConfig.targets: "dense" fitted each layer to the dense model's output
     samples: int = 0
     seconds: float = 0.0  # wall time of the whole pass (calibration forward included)
     notes: list[str] = field(default_factory=list)  # warnings worth keeping (rank-deficient H, nothing to prune)
@@ -95,7 +96,7 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "method": self.method, "sparsity": self.sparsity, "samples": self.samples,
+            "method": self.method, "sparsity": self.sparsity, "targets": self.targets, "samples": self.samples,
             "layers_pruned": len(self.pruned), "layers_skipped": len(self.skipped),
             "seconds": self.seconds, "solve_seconds": self.solve_seconds,
             "mean_relative_error": self.mean_relative_error, "notes": self.notes, "error": self.error,
@@ -118,7 +119,8 @@ class PruneReport:
                 rows.append([layer.name, shape, "-", "-", "-", f"skipped: {layer.skipped}"])
         lines = [format_table(["layer", "shape", "sparsity", "rel.err", "seconds", "note"], rows, right=(1, 2, 3, 4))]
         lines.append(
-            f"{self.method} {self.sparsity}: {len(self.pruned)} layers pruned, {len(self.skipped)} skipped, "
+            f"{self.method} {self.sparsity}{', dense targets' if self.targets == 'dense' else ''}: "
+            f"{len(self.pruned)} layers pruned, {len(self.skipped)} skipped, "
             f"mean relative error {self.mean_relative_error:.3e}, solve {self.solve_seconds:.1f} s, "
             f"total {self.seconds:.1f} s ({self.samples} calibration samples)"
         )
@@ -480,7 +482,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
     plan = _plan(gm, sites, sp.m if sp.structured else 0, config.layer_filter, vocab)
     entries = {s: LayerReport(s.name, s.shape, method, skipped=plan[s], target=s.target, transposed=s.transposed)
                for s in sites}
-    report = PruneReport([entries[s] for s in sites], str(sp), method, len(items))
+    report = PruneReport([entries[s] for s in sites], str(sp), method, config.targets, len(items))
     todo = [s for s in sites if plan[s] is None]
     if not sites:
         report.notes.append("no linear layers found in the graph: nothing to prune")

@@ -1,5 +1,7 @@
 """`mrp prune` / `mrp eval` end to end on a tiny random Llama with a tiny word-level tokenizer."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -40,6 +42,17 @@ def test_mask_rule_reaches_the_solver_and_bad_rules_fail_before_loading(tiny_dir
         assert f"with mrp (mask rule {rule})" in capsys.readouterr().out
     admm, sweep = (load_model(tmp_path / r).model.layers[0].mlp.down_proj.weight for r in ("admm", "sparsegpt"))
     assert is_nm_sparse(admm) and is_nm_sparse(sweep) and not torch.equal(admm != 0, sweep != 0)
+
+
+def test_dense_targets_reach_the_pass_and_bad_fractions_fail_before_loading(tiny_dir, tmp_path, capsys):
+    assert main(prune_args(tiny_dir, tmp_path / "bad", "--targets", "dense", "--dense-fraction", "0")) == 2
+    assert "dense_fraction must be a number in (0, 1]" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(prune_args(tiny_dir, tmp_path / "dense", "--targets", "dense", "--dense-fraction", "0.5")) == 0
+    assert "dense targets (dense model on 50% of the samples)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "dense" / "report.json").read_text())["targets"] == "dense"
+    assert main(prune_args(tiny_dir, tmp_path / "plain")) == 0
+    dense, plain = (load_model(tmp_path / d).model.layers[1].mlp.down_proj.weight for d in ("dense", "plain"))
+    assert is_nm_sparse(dense) and not torch.equal(dense, plain)
 
 
 def test_prune_refuses_to_clobber_without_overwrite(tiny_dir, tmp_path, capsys):
