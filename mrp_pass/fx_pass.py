@@ -612,11 +612,15 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
     state.current = names[0]
     hessian = Hessian(group[0].in_features, device=device)
     drift = DriftMoment(group[0].in_features, device=device) if dense_xs is not None else None
+    seen = hessian  # the H of the samples the dense model ran on
     for i, x in enumerate(xs):
         try:
             hessian.add(group[0].inputs(x))
             if drift is not None and i < len(dense_xs):  # dense_fraction < 1: the dense walk ran on the first samples
                 drift.add(group[0].inputs(dense_xs[i]), group[0].inputs(x))
+                if i == len(dense_xs) - 1 < len(xs) - 1:  # H of those samples: G's own (see dense_target_map)
+                    seen = Hessian(group[0].in_features, device=device)
+                    seen.matrix, seen.nsamples = hessian.matrix.clone(), hessian.nsamples
         except HessianOverflowError as e:  # finite activations, H overflowed: say that, not "NaN in the inputs"
             raise FloatingPointError(f"calibrating {', '.join(names)} (sample {i}): {e}") from None
         except FloatingPointError:
@@ -628,7 +632,9 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
     distributed.reduce_hessian(state.ranks, hessian)  # every rank's tokens (no-op for one process)
     if drift is not None:
         distributed.reduce_hessian(state.ranks, drift)
-        target_map = dense_target_map(drift.matrix, hessian.matrix, config.percdamp)
+        if seen is not hessian:
+            distributed.reduce_hessian(state.ranks, seen)
+        target_map = dense_target_map(drift.matrix, seen.matrix, config.percdamp)
     if hessian.nsamples < group[0].in_features:  # rank(H) <= tokens: only the damping makes H invertible
         state.rank_deficient.append((hessian.nsamples, group[0].in_features, names))
         log.info("%s: %d calibration tokens for %d inputs: H is rank-deficient", names[0], hessian.nsamples,

@@ -95,6 +95,10 @@ def dense_target_map(drift: torch.Tensor, hessian: torch.Tensor, percdamp: float
     solvers damp it, in the correction only: where the inputs did not drift (G = 0, the first layers) W* = W
     exactly, not a shrunk W H (H + lambda I)^-1. Minimising ||W' X - W D||^2 over pruned W' is then the usual
     problem min ||(W' - W*) X||^2 (the two differ by a constant), so every solver applies unchanged to W*.
+    `hessian` must be the H of the very samples G was summed over: the correction is then a ridge regression of
+    the drift on the inputs, bounded by Cauchy-Schwarz. G of a subset against the H of every sample is not:
+    along a direction the subset happens to fill (an outlier token) and the whole set hardly does, G H^-1 grows
+    without bound (measured: |W*| up to 100x |W| on SmolLM2's down projections, perplexity in the millions).
     Float64 inside, `drift`'s dtype out; one M serves every layer of a group."""
     _, h_inv = damped_hessian(hessian.to(torch.float64), percdamp)
     m = drift.to(torch.float64) @ h_inv

@@ -65,6 +65,7 @@ def reference_dense_targets(model: nn.Module, dense: nn.Module, calibration: lis
     for group in groups:
         first = model.get_submodule(group[0])
         h, g = Hessian(first.in_features), DriftMoment(first.in_features)
+        seen = h  # the H of the samples G is summed over
         for i, ids in enumerate(calibration):
             got = {}
             hooks = [m.get_submodule(group[0]).register_forward_pre_hook(
@@ -76,7 +77,10 @@ def reference_dense_targets(model: nn.Module, dense: nn.Module, calibration: lis
             h.add(got["x"])
             if dense_samples is None or i < dense_samples:
                 g.add(got["d"], got["x"])
-        target = dense_target_map(g.matrix, h.matrix, 0.01)
+                if i == (dense_samples or len(calibration)) - 1 and i < len(calibration) - 1:
+                    seen = Hessian(first.in_features)
+                    seen.matrix, seen.nsamples = h.matrix.clone(), h.nsamples
+        target = dense_target_map(g.matrix, seen.matrix, 0.01)
         weights = [model.get_submodule(n).weight for n in group]
         result = solve(torch.cat([w.detach() for w in weights]) @ target, h.matrix, "2:4", method)
         with torch.no_grad():
