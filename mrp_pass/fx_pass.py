@@ -540,7 +540,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
         report.error = f"pruning stopped at {state.current or 'the calibration walk'}: {type(e).__name__}: {e}"
         for s in todo:
             if s not in state.finished:
-                entries[s].skipped = (f"failed: {type(e).__name__}: {e}" if s.name == state.current
+                entries[s].skipped = (f"failed: {type(e).__name__}: {e}" if s.name in state.failing
                                       else "not reached: the pass stopped early")
         report.notes.append(f"on_error='keep_partial': {len(state.finished)} of {len(todo)} layers pruned, the "
                             "rest left dense; the model is partly pruned")
@@ -580,6 +580,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
 class _PassState:
     backups: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
     current: str | None = None  # the layer being pruned (or calibrated), for error messages
+    failing: list[str] = field(default_factory=list)  # the layers of the group being pruned (solved together)
     finished: set = field(default_factory=set)  # sites written
     rank_deficient: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (tokens, width, names)
     singular: list[tuple[int, int, list[str]]] = field(default_factory=list)  # (rank, live inputs, names)
@@ -609,7 +610,7 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
     dense_xs (targets="dense"): the same input in the dense model, sample by sample; each layer is then fitted
     to W* = W (I + G H^-1) (`hessian.dense_target_map`)."""
     names = [s.name for s in group]
-    state.current = names[0]
+    state.current, state.failing = names[0], names
     hessian = Hessian(group[0].in_features, device=device)
     drift = DriftMoment(group[0].in_features, device=device) if dense_xs is not None else None
     seen = hessian  # the H of the samples the dense model ran on
@@ -698,6 +699,7 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
         log.debug("pruned %s %s: relative error %.3e", s.name, s.shape, e.relative_error)
         bar.set_postfix_str(s.name, refresh=False)
         bar.update(1)
+    state.failing = []
 
 
 def _row_losses(dw: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
