@@ -40,7 +40,7 @@ from . import distributed
 from .config import UNSET, PruneConfig, matches
 from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
 from .hessian import DriftMoment, Hessian, HessianOverflowError, dense_target_map
-from .solvers import solve
+from .solvers import row_losses, solve
 
 log = logging.getLogger(__name__)
 
@@ -676,8 +676,8 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
                                      "it was not written")
         news.append(new)
     # Each layer's own loss and relative error (the solve reports the stack's): per-row sums of 1/2 dW H dW^T.
-    row_loss = _row_losses(result.weight - weight, hessian.matrix)
-    row_ref = _row_losses(weight, hessian.matrix)
+    row_loss = row_losses(result.weight - weight, hessian.matrix)
+    row_ref = row_losses(weight, hessian.matrix)
     r0 = 0
     for s, t, new, part in zip(group, stored, news, parts):
         state.current = s.name
@@ -700,12 +700,6 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
         bar.set_postfix_str(s.name, refresh=False)
         bar.update(1)
     state.failing = []
-
-
-def _row_losses(dw: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """1/2 dw H dw^T of every row, in float64 (as `solvers.layer_loss`)."""
-    dw, h = dw.double(), hessian.to(dw.device).double()
-    return 0.5 * ((dw @ h) * dw).sum(1)
 
 
 # ----------------------------------------------------------------------------------------------

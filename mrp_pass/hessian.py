@@ -9,6 +9,15 @@ import torch
 log = logging.getLogger(__name__)
 
 
+def _running_add(matrix: torch.Tensor, nsamples: int, a: torch.Tensor, b: torch.Tensor) -> int:
+    """matrix <- matrix * n/(n+t) + 2/(n+t) a^T b for t new rows, in one fused GEMM (no scaled copy of a): the
+    running average of `Hessian` and `DriftMoment`, whose entries stay O(|x|^2) however many tokens are seen.
+    Returns n + t."""
+    total = nsamples + a.shape[0]
+    matrix.addmm_(a.T, b, beta=nsamples / total, alpha=2.0 / total)
+    return total
+
+
 class HessianOverflowError(FloatingPointError):
     """The activations are finite but their squares / products overflowed H's dtype."""
 
@@ -30,13 +39,9 @@ class Hessian:
         if x.shape[-1] != self.matrix.shape[0]:
             raise ValueError(f"input of width {x.shape[-1]} fed to a Hessian of width {self.matrix.shape[0]}")
         x = x.reshape(-1, x.shape[-1]).to(self.matrix)
-        t = x.shape[0]
-        if t == 0:
+        if x.shape[0] == 0:
             return
-        total = self.nsamples + t
-        # H <- H * n/(n+t) + 2/(n+t) x^T x in one fused GEMM (no scaled copy of x)
-        self.matrix.addmm_(x.T, x, beta=self.nsamples / total, alpha=2.0 / total)
-        self.nsamples = total
+        self.nsamples = _running_add(self.matrix, self.nsamples, x, x)
         # A NaN or Inf anywhere in x reaches the diagonal (a sum of squares): an O(n) check, not O(t n); only then
         # are the activations themselves checked, to say which of the two it is.
         if not torch.isfinite(self.matrix.diagonal()).all():
@@ -62,6 +67,7 @@ class Hessian:
         tol = n * torch.finfo(h.dtype).eps * eig[-1].clamp(min=0)
         return int((eig > tol).sum()), n
 
+
 class DriftMoment:
     """Streaming G = 2/N * sum_t (d_t - x_t) x_t^T over paired rows: d_t the input a layer sees in the dense model,
     x_t the one it sees in the partly pruned model (same token). With H = 2/N sum x x^T, the weight that best
@@ -78,13 +84,10 @@ class DriftMoment:
         if dense.shape != x.shape:
             raise ValueError(f"dense inputs {tuple(dense.shape)} and pruned inputs {tuple(x.shape)} differ in shape")
         x = x.reshape(-1, x.shape[-1]).to(self.matrix)
-        drift = dense.reshape(-1, dense.shape[-1]).to(self.matrix) - x
-        t = x.shape[0]
-        if t == 0:
+        if x.shape[0] == 0:
             return
-        total = self.nsamples + t
-        self.matrix.addmm_(drift.T, x, beta=self.nsamples / total, alpha=2.0 / total)
-        self.nsamples = total
+        drift = dense.reshape(-1, dense.shape[-1]).to(self.matrix) - x
+        self.nsamples = _running_add(self.matrix, self.nsamples, drift, x)
         if not torch.isfinite(self.matrix).all():
             raise FloatingPointError("the dense model's calibration activations contain NaN or Inf")
 

@@ -69,10 +69,15 @@ class RowShard:
     sum: Callable[[float], float]  # a float's sum over every share
 
 
+def row_losses(dw: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+    """1/2 dw H dw^T of every row, in float64 (a stacked solve's layers each sum their own rows')."""
+    dw, h = dw.double(), hessian.to(dw.device).double()
+    return 0.5 * ((dw @ h) * dw).sum(1)
+
+
 def layer_loss(dw: torch.Tensor, hessian: torch.Tensor) -> float:
     """1/2 tr(dW H dW^T) in float64."""
-    dw, h = dw.double(), hessian.double()
-    return 0.5 * float(((dw @ h) * dw).sum())
+    return float(row_losses(dw, hessian).sum())
 
 
 # ----------------------------------------------------------------------------------------------
