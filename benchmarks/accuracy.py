@@ -49,8 +49,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-# label -> solver options. "mrp-sweep" is mrp with SparseGPT's sweep choosing the mask (the default mask is
-# ADMM's), "mrp+swap" refines the mask by one exact swap pass. "dense" (nothing pruned) is not in the dict.
+# label -> solver options. "mrp-pruned" is mrp fitting each layer to its own output on the pruned inputs (the
+# default until session 5: mrp now fits the residual writers to the dense model's stream), "sparsegpt-residual"
+# SparseGPT's solver on those targets, "mrp-sweep" is mrp with SparseGPT's sweep choosing the mask (the default
+# mask is ADMM's), "mrp+swap" refines the mask by one exact swap pass. "dense" (nothing pruned) is not in the dict.
 METHODS: dict[str, dict[str, Any]] = {
     "magnitude": {"method": "magnitude"},
     "wanda": {"method": "wanda"},
@@ -58,6 +60,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "mrp-s": {"method": "mrp-s"},
     "mrp-m": {"method": "mrp-m"},
     "mrp": {"method": "mrp"},
+    "mrp-pruned": {"method": "mrp", "targets": "pruned"},
+    "sparsegpt-residual": {"method": "sparsegpt", "targets": "residual"},
     "mrp-sweep": {"method": "mrp", "mask_rule": "sparsegpt"},
     "mrp+swap": {"method": "mrp", "swap_iters": 1},
 }

@@ -38,11 +38,14 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--percdamp", type=float, default=0.01)
     p.add_argument("--mask-rule", default=None,
                    help="how mrp chooses the mask: admm (default) | sparsegpt | group | obs (see the README)")
-    p.add_argument("--targets", choices=["pruned", "dense"], default=None,
-                   help="fit each layer to its dense output on the pruned model's inputs (pruned) or to the dense "
-                        "model's output (dense: asymmetric calibration, a second forward); default: the config's")
+    p.add_argument("--targets", choices=["pruned", "dense", "residual"], default=None,
+                   help="fit each layer to its dense output on the pruned model's inputs (pruned), to the dense "
+                        "model's output (dense), or, for layers adding into the residual stream, to the dense "
+                        "model's stream (residual); dense and residual run the dense model beside the pruned one. "
+                        "Default: residual for mrp, pruned for the baselines")
     p.add_argument("--dense-fraction", type=float, default=None,
-                   help="with --targets dense: share of the calibration samples the dense model runs on (0-1]")
+                   help="with --targets dense/residual: share of the calibration samples the dense model runs on "
+                        "(0-1]")
     p.add_argument("--device", default=None, help="calibration device (default: cuda if available, else cpu)")
     p.add_argument("--out", required=True, help="output directory (HF save_pretrained layout + report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")

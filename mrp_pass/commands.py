@@ -114,8 +114,8 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
     tokenizer = load_tokenizer(args.model)
     calib = calibration_windows(tokenizer, args.calib_samples, args.calib_seqlen, args.seed)
     how = args.method + (f" (mask rule {mask_rule})" if mask_rule else "") + (
-        f", dense targets (dense model on {config.dense_fraction:.0%} of the samples)" if config.targets == "dense"
-        else "")
+        f", {config.targets} targets (dense model on {config.dense_fraction:.0%} of the samples)"
+        if config.targets != "pruned" else "")
     on = f"device {config.device}" + (f", {ranks.world} ranks" if ranks else "")
     if main:
         print(f"pruning {args.model} to {args.sparsity} with {how} on {len(calib)} x {args.calib_seqlen} "

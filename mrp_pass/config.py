@@ -17,7 +17,9 @@ from .sparsity import Sparsity, parse_sparsity
 
 LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str | type] | None
 ON_ERROR = ("rollback", "keep_partial")
-TARGETS = ("pruned", "dense")
+TARGETS = ("pruned", "dense", "residual")
+# targets when none is given: "residual" for mrp (the best measured, README), the published protocol for the baselines
+DEFAULT_TARGETS = {"mrp": "residual"}
 
 
 class _Unset:
@@ -48,12 +50,15 @@ class PruneConfig:
     every written weight when the pass fails, "keep_partial" keeps what was pruned. The solver options
     (mask_rule, refit_blocksize, swap_iters, refit, solver_dtype) go to `mrp_pass.solve`; None = its default.
     targets: what each layer is fitted to reproduce on the calibration inputs it sees in the partly pruned model:
-    "pruned" its own dense output on those inputs (SparseGPT's protocol), or "dense" the output it gives in the
-    dense model (asymmetric calibration: the pass runs the dense model beside the pruned one and fits
-    W* = W (I + G H^-1), G the moment of the inputs' drift; costs a second forward, G's accumulation and the
-    dense activations' memory). dense_fraction: the share of the calibration samples (the first ones; each rank's
-    own) the dense model runs on to estimate G (H always uses every sample): the dense walk's time and memory
-    scale with it."""
+    "pruned" its own dense output on those inputs (SparseGPT's protocol); "dense" the output it gives in the
+    dense model (asymmetric calibration: W* = W (I + G H^-1), G the moment of the inputs' drift); "residual": a
+    layer whose output is added into a residual stream (o_proj, down_proj) is fitted to the dense model's stream
+    after that add, its dense output plus the stream's drift r - r~ (so it also cancels the error of every layer
+    before it), the other layers as "pruned". "dense" and "residual" run the dense model beside the pruned one
+    (a second forward, a moment per layer, the dense activations' memory). None (default): "residual" for mrp,
+    "pruned" for the baselines (their published protocol). dense_fraction: the share of the calibration samples
+    (the first ones; each rank's own) the dense model runs on (H always uses every sample): the dense walk's time
+    and memory scale with it."""
 
     sparsity: Sparsity | str | float = "2:4"
     method: str = "mrp"
@@ -68,12 +73,15 @@ class PruneConfig:
     swap_iters: int | None = None
     refit: str | None = None
     solver_dtype: torch.dtype = torch.float32
-    targets: str = "pruned"
+    targets: str | None = None
     dense_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         # not a field (callers list the fields): which block size was chosen and why, when none was given
         object.__setattr__(self, "_blocksize_chosen", None)
+        object.__setattr__(self, "_targets_chosen", self.targets is None)
+        if self.targets is None:
+            object.__setattr__(self, "targets", DEFAULT_TARGETS.get(self.method, "pruned"))
         if self.blocksize is None:
             sp = parse_sparsity(self.sparsity)
             chosen = default_blocksize(sp)
@@ -123,6 +131,8 @@ class PruneConfig:
         options = {k: v for k, v in options.items() if v is not UNSET}
         if config is not None and config.blocksize_chosen is not None and "blocksize" not in options:
             options["blocksize"] = None  # chosen for the old sparsity: choose again for the new one
+        if config is not None and config._targets_chosen and "targets" not in options:
+            options["targets"] = None  # chosen for the old method: choose again for the new one
         return dataclasses.replace(config, **options) if config is not None else cls(**options)
 
     @property

@@ -6,6 +6,11 @@ only the values some later node still needs. When the walk reaches a linear laye
 pruned, every to-be-pruned linear reading the same input node (q/k/v, gate/up) is gathered, one
 Hessian is accumulated over all samples of that input, each weight is solved and written back in
 place, and the walk goes on: every later node sees the pruned outputs.
+
+targets="dense" / "residual" (PruneConfig): a second walk runs the dense model in lockstep (reading the original
+weights of the layers already pruned). "residual" runs a layer that writes into a residual stream one node early
+in the dense walk, so that its dense output y, the dense stream r and the pruned stream r~ at its add are all at
+hand when it is solved: it is fitted to y + r - r~ (`hessian.OutputDriftMoment`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import io
 import json
 import logging
 import math
+import operator
 import os
 import time
 import warnings
@@ -38,8 +44,24 @@ from export.table import format_table
 
 from . import distributed
 from .config import UNSET, PruneConfig, matches
-from .graph import LinearSite, embedding_rows, feeds_output, fetch_attr, find_linears, other_uses, tensor_key
-from .hessian import DriftMoment, Hessian, HessianOverflowError, dense_target_map
+from .graph import (
+    LinearSite,
+    embedding_rows,
+    feeds_output,
+    fetch_attr,
+    find_linears,
+    other_uses,
+    output_is_product,
+    tensor_key,
+)
+from .hessian import (
+    DriftMoment,
+    Hessian,
+    HessianOverflowError,
+    OutputDriftMoment,
+    dense_target_map,
+    output_target_weight,
+)
 from .solvers import row_losses, solve
 
 log = logging.getLogger(__name__)
@@ -71,7 +93,7 @@ class PruneReport:
     layers: list[LayerReport] = field(default_factory=list)
     sparsity: str = ""
     method: str = ""
-    targets: str = "pruned"  # PruneConfig.targets: "dense" fitted each layer to the dense model's output
+    targets: str = "pruned"  # PruneConfig.targets: what each layer was fitted to ("pruned", "dense", "residual")
     samples: int = 0
     seconds: float = 0.0  # wall time of the whole pass (calibration forward included)
     notes: list[str] = field(default_factory=list)  # warnings worth keeping (rank-deficient H, nothing to prune)
@@ -119,7 +141,7 @@ class PruneReport:
                 rows.append([layer.name, shape, "-", "-", "-", f"skipped: {layer.skipped}"])
         lines = [format_table(["layer", "shape", "sparsity", "rel.err", "seconds", "note"], rows, right=(1, 2, 3, 4))]
         lines.append(
-            f"{self.method} {self.sparsity}{', dense targets' if self.targets == 'dense' else ''}: "
+            f"{self.method} {self.sparsity}{'' if self.targets == 'pruned' else f', {self.targets} targets'}: "
             f"{len(self.pruned)} layers pruned, {len(self.skipped)} skipped, "
             f"mean relative error {self.mean_relative_error:.3e}, solve {self.solve_seconds:.1f} s, "
             f"total {self.seconds:.1f} s ({self.samples} calibration samples)"
@@ -378,6 +400,7 @@ class _Walk:
         self.frees: dict[fx.Node, list[fx.Node]] = defaultdict(list)
         for a, n in last_use.items():
             self.frees[n].append(a)
+        self.early: set[fx.Node] = set()  # nodes run ahead of the walk (run_early): their turn only frees
         self.values: dict[fx.Node, list] = {}  # per-sample values of varying nodes
         self.consts: dict[fx.Node, Any] = {}  # single values of sample-independent nodes
         self.placeholder_index = {n: i for i, n in enumerate(n for n in self.nodes if n.op == "placeholder")}
@@ -427,6 +450,8 @@ class _Walk:
             self.values[node] = [sample[index] for sample in self.inputs]
         elif node in self.lazy:
             return
+        elif node in self.early:
+            self.early.discard(node)
         else:
             lazy_values: dict = {}
             for a in node.all_input_nodes:
@@ -446,6 +471,13 @@ class _Walk:
         if not node.users:
             self.values.pop(node, None)
             self.consts.pop(node, None)
+
+    def run_early(self, node: fx.Node) -> list:
+        """Run `node` before its turn (its inputs are computed; those it is the last user of are freed) and return
+        its per-sample values; its turn then does nothing."""
+        self.run_node(node)
+        self.early.add(node)
+        return self.values[node]
 
     def refresh(self, nodes: Iterable[fx.Node]) -> None:
         """Recompute already-computed values derived from a weight that was just pruned."""
@@ -503,7 +535,7 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
     # targets="dense": the dense model walks beside the pruned one, reading the original weights (the CPU copies
     # kept for rollback, or copies of their own); it holds a second set of live activations.
     dense_walk = None
-    if config.targets == "dense":
+    if config.targets in ("dense", "residual"):
         state.originals = {}
         share = inputs[:max(1, round(config.dense_fraction * len(inputs)))]  # G from the first samples only
         dense_walk = _Walk(gm, share, calib_device, retarget=device is not None, sites=sites,
@@ -516,8 +548,15 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
             site = site_of.get(node)
             if site is not None and (site.input, site.weight_left) not in done:
                 group = groups[site.input, site.weight_left]
+                dense_xs = dense_walk.input_values(site.input) if config.targets == "dense" else None
+                writes = None  # targets="residual": (dense outputs, dense residual, pruned residual) per sample
+                other = _residual_operand(site) if config.targets == "residual" and len(group) == 1 else None
+                if other is not None and other in walk.values and other in dense_walk.values:
+                    ys = dense_walk.run_early(node)  # frees the dense inputs: the moment needs W d, not d
+                    if ys[0].shape == dense_walk.values[other][0].shape:  # no broadcasting add
+                        writes, dense_xs = (ys, dense_walk.values[other], walk.values[other]), None
                 _prune_group(gm, group, len(done), walk.input_values(site.input), config, calib_device, entries,
-                             bar, state, dense_walk and dense_walk.input_values(site.input))
+                             bar, state, dense_xs, writes)
                 done.add((site.input, site.weight_left))
                 walk.refresh([n for s in group for n in s.weight_chain])
             try:
@@ -604,22 +643,54 @@ def _progress_bar(total: int, enabled: bool):
     return tqdm(total=total, desc="pruning", unit="layer", disable=not enabled)
 
 
+def _residual_operand(site: LinearSite) -> fx.Node | None:
+    """The residual stream a bias-free linear writes into (the other operand of the add its output goes straight
+    into: o_proj and down_proj of a pre-norm transformer), else None."""
+    node = site.node
+    if not output_is_product(site) or len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_function" or user.kwargs or len(user.args) != 2:
+        return None
+    if user.target not in (torch.ops.aten.add.Tensor, operator.add, torch.add):
+        return None
+    other = user.args[0] if user.args[1] is node else user.args[1]
+    return other if isinstance(other, fx.Node) and other is not node else None
+
+
 def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: list, config: PruneConfig,
-                 device: torch.device, entries: dict, bar, state: _PassState, dense_xs: list | None = None) -> None:
+                 device: torch.device, entries: dict, bar, state: _PassState, dense_xs: list | None = None,
+                 writes: tuple[list, list, list] | None = None) -> None:
     """One Hessian over every sample of the group's shared input, then each layer solved and written back.
     dense_xs (targets="dense"): the same input in the dense model, sample by sample; each layer is then fitted
-    to W* = W (I + G H^-1) (`hessian.dense_target_map`)."""
+    to W* = W (I + G H^-1) (`hessian.dense_target_map`). writes (targets="residual", one layer writing into the
+    residual stream): its dense outputs y, the dense residual r and the pruned residual r~ it is added to; the
+    layer is fitted to y + r - r~, the dense model's stream after the add, so it also cancels the drift of every
+    layer before it (`hessian.output_target_weight`)."""
     names = [s.name for s in group]
     state.current, state.failing = names[0], names
+    stored = [fetch_attr(gm, s.target) for s in group]
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in stored])
+    parts = [(t.detach().T if s.transposed else t.detach()).to(device=device, dtype=dtype)
+             for s, t in zip(group, stored)]
+    weight = torch.cat(parts) if len(parts) > 1 else parts[0]
     hessian = Hessian(group[0].in_features, device=device)
-    drift = DriftMoment(group[0].in_features, device=device) if dense_xs is not None else None
+    # dense_fraction < 1: the dense walk ran on the first samples only
+    dense_n = len(writes[0]) if writes else len(dense_xs) if dense_xs is not None else 0
+    drift = DriftMoment(group[0].in_features, device=device) if dense_n and writes is None else None
+    targets = OutputDriftMoment(group[0].out_features, group[0].in_features, device=device) if writes else None
     seen = hessian  # the H of the samples the dense model ran on
     for i, x in enumerate(xs):
         try:
             hessian.add(group[0].inputs(x))
-            if drift is not None and i < len(dense_xs):  # dense_fraction < 1: the dense walk ran on the first samples
-                drift.add(group[0].inputs(dense_xs[i]), group[0].inputs(x))
-                if i == len(dense_xs) - 1 < len(xs) - 1:  # H of those samples: G's own (see dense_target_map)
+            if i < dense_n:
+                if targets is not None:
+                    ys, dense_r, pruned_r = writes
+                    own = group[0].inputs(x) @ weight.T.to(x.dtype)  # W x~: the target less it is the drift
+                    targets.add(ys[i] - own + (dense_r[i] - pruned_r[i]), group[0].inputs(x))
+                else:
+                    drift.add(group[0].inputs(dense_xs[i]), group[0].inputs(x))
+                if i == dense_n - 1 < len(xs) - 1:  # H of those samples: G's own (see dense_target_map)
                     seen = Hessian(group[0].in_features, device=device)
                     seen.matrix, seen.nsamples = hessian.matrix.clone(), hessian.nsamples
         except HessianOverflowError as e:  # finite activations, H overflowed: say that, not "NaN in the inputs"
@@ -631,10 +702,11 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
         except ValueError as e:  # an input of the wrong width: the calibration tensors do not fit the model
             raise ValueError(f"calibration sample {i} does not fit layer {names[0]}: {e}") from None
     distributed.reduce_hessian(state.ranks, hessian)  # every rank's tokens (no-op for one process)
-    if drift is not None:
-        distributed.reduce_hessian(state.ranks, drift)
+    if drift is not None or targets is not None:
+        distributed.reduce_hessian(state.ranks, drift if targets is None else targets)
         if seen is not hessian:
             distributed.reduce_hessian(state.ranks, seen)
+    if drift is not None:
         target_map = dense_target_map(drift.matrix, seen.matrix, config.percdamp)
     if hessian.nsamples < group[0].in_features:  # rank(H) <= tokens: only the damping makes H invertible
         state.rank_deficient.append((hessian.nsamples, group[0].in_features, names))
@@ -652,13 +724,10 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
     # One solve for the whole group: the layers share H, and every solver treats rows independently given H, so
     # stacking their rows (q, k, v; gate, up) gives each layer its own answer while the group pays once for H's
     # factorisations (damped inverse, Cholesky, ADMM's eigendecomposition) and runs larger GEMMs.
-    stored = [fetch_attr(gm, s.target) for s in group]
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in stored])
-    parts = [(t.detach().T if s.transposed else t.detach()).to(device=device, dtype=dtype)
-             for s, t in zip(group, stored)]
-    weight = torch.cat(parts) if len(parts) > 1 else parts[0]
     if drift is not None:
         weight = (weight.float() @ target_map).to(dtype)
+    elif targets is not None:
+        weight = output_target_weight(weight.float(), targets.matrix, seen.matrix, config.percdamp).to(dtype)
     state.current = names[0] if len(group) == 1 else f"{names[0]} (solved with {', '.join(names[1:])})"
     try:
         result = distributed.solve(state.ranks, solve,  # one process: solve itself; else a share of the rows

@@ -85,6 +85,20 @@ class LinearSite:
         return self.shape[0]
 
 
+def output_is_product(site: LinearSite) -> bool:
+    """Whether the site's node outputs exactly x @ W^T, [..., out] (no bias added, not W @ X)."""
+    node = site.node
+    if site.weight_left:
+        return False
+    if node.op == "call_module":
+        return getattr(site.module, "bias", None) is None
+    if node.op == "call_method":
+        return node.target in _MM_METHODS
+    if node.target in _LINEAR_FNS:
+        return (len(node.args) < 3 or node.args[2] is None) and node.kwargs.get("bias") is None
+    return node.target in _MM_FNS or node.target is operator.matmul
+
+
 def fetch_attr(gm: nn.Module, target: str):
     """The object at a dotted attribute path (nested modules, ModuleList indices)."""
     obj = gm

@@ -92,6 +92,41 @@ class DriftMoment:
             raise FloatingPointError("the dense model's calibration activations contain NaN or Inf")
 
 
+class OutputDriftMoment:
+    """Streaming E = 2/N * sum_t (y_t - W x_t) x_t^T over paired rows: y_t the output a layer should give (its
+    target), W x_t the output it gives on the input x_t it sees in the partly pruned model. With H = 2/N sum x x^T of
+    the same rows, the weight whose outputs are closest to the targets is W + E H^-1 (`output_target_weight`).
+    [out, in]: cheaper than `DriftMoment` ([in, in]) where out < in (a down projection), and it holds targets no
+    input drift explains (the residual stream's). Summed as a difference, not as y x^T less W H: H's own float32
+    rounding would not cancel and swamps a small drift (measured on a tiny LLaMA)."""
+
+    def __init__(self, out_features: int, in_features: int, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        self.matrix = torch.zeros(out_features, in_features, dtype=dtype, device=device)
+        self.nsamples = 0
+
+    @torch.no_grad()
+    def add(self, drift: torch.Tensor, x: torch.Tensor) -> None:
+        y = drift.reshape(-1, self.matrix.shape[0]).to(self.matrix)
+        x = x.reshape(-1, self.matrix.shape[1]).to(self.matrix)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"{y.shape[0]} target rows for {x.shape[0]} input rows")
+        if x.shape[0] == 0:
+            return
+        self.nsamples = _running_add(self.matrix, self.nsamples, y, x)
+        if not torch.isfinite(self.matrix).all():
+            raise FloatingPointError("the dense model's calibration activations contain NaN or Inf")
+
+
+def output_target_weight(weight: torch.Tensor, moment: torch.Tensor, hessian: torch.Tensor,
+                         percdamp: float) -> torch.Tensor:
+    """W* = W + E (H + lambda I)^-1: the weight whose outputs on the pruned inputs X are closest to the targets Y
+    (E = 2/N (Y - W X) X^T, H = 2/N X X^T of the same samples), the correction damped as in `dense_target_map`
+    (W* = W exactly where the targets are W's own outputs). Float64 inside, `weight`'s dtype out."""
+    _, h_inv = damped_hessian(hessian.to(torch.float64), percdamp)
+    return (weight.to(torch.float64) + moment.to(torch.float64) @ h_inv).to(weight.dtype)
+
+
 def dense_target_map(drift: torch.Tensor, hessian: torch.Tensor, percdamp: float) -> torch.Tensor:
     """M = I + G (H + lambda I)^-1, with W* = W M the weight whose output on the pruned inputs X is closest to the
     dense output W D: min ||W* X - W D||^2 gives W* = W D X^T (X X^T)^-1 = W (I + G H^-1). H is damped as the

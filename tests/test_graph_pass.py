@@ -169,7 +169,7 @@ def mlp() -> MLP:
 
 def test_plain_mlp_all_layers_pruned():
     model = mlp()
-    report = prune(model, xs(), method="mrp", progress=False)
+    report = prune(model, xs(), method="mrp", targets="pruned", progress=False)  # the reference's targets
     assert [layer.name for layer in report.pruned] == ["fc1", "fc2", "fc3"]  # no vocabulary: the last one too
     for name in ("fc1", "fc2", "fc3"):
         assert is_nm_sparse(getattr(model, name).weight)
@@ -268,10 +268,11 @@ def reference_prune(model: nn.Module, calibration: list, method: str, sparsity="
 
 
 def test_matches_hook_reference_mrp():
-    """The default method on the Llama (sparsegpt on it: test_llama_every_linear_but_lm_head)."""
+    """The default method on the Llama (sparsegpt on it: test_llama_every_linear_but_lm_head), on the reference's
+    targets (its default, targets="residual", against its own reference: test_dense_targets.py)."""
     calib = windows(4)
     ours = tiny_llama()
-    report = prune(ours, calib, method="mrp", progress=False)
+    report = prune(ours, calib, method="mrp", targets="pruned", progress=False)
     check_against_reference(ours, tiny_llama, calib, "mrp", report)
 
 
