@@ -55,6 +55,18 @@ def test_dense_targets_reach_the_pass_and_bad_fractions_fail_before_loading(tiny
     assert is_nm_sparse(dense) and not torch.equal(dense, plain)
 
 
+def test_residual_targets_are_mrps_default_and_can_be_turned_off(tiny_dir, tmp_path, capsys):
+    mrp = ("--method", "mrp")
+    assert main(prune_args(tiny_dir, tmp_path / "default", *mrp)) == 0
+    assert "residual targets (dense model on 100% of the samples)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "default" / "report.json").read_text())["targets"] == "residual"
+    assert main(prune_args(tiny_dir, tmp_path / "pruned", *mrp, "--targets", "pruned")) == 0
+    assert "targets" not in capsys.readouterr().out.split("calibration tokens")[0]
+    assert json.loads((tmp_path / "pruned" / "report.json").read_text())["targets"] == "pruned"
+    default, pruned = (load_model(tmp_path / d).model.layers[1].mlp.down_proj.weight for d in ("default", "pruned"))
+    assert is_nm_sparse(default) and not torch.equal(default, pruned)
+
+
 def test_prune_refuses_to_clobber_without_overwrite(tiny_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
     out.mkdir()
