@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 # label -> solver options. "mrp-pruned" is mrp fitting each layer to its own output on the pruned inputs (the
-# default until session 5: mrp now fits the residual writers to the dense model's stream), "sparsegpt-residual"
+# default until session 5: mrp now fits the residual writers to the dense model's stream), "mrp-dense" to its
+# output in the dense model (see PruneConfig.targets), "sparsegpt-residual"
 # SparseGPT's solver on those targets, "mrp-sweep" is mrp with SparseGPT's sweep choosing the mask (the default
 # mask is ADMM's), "mrp+swap" refines the mask by one exact swap pass. "dense" (nothing pruned) is not in the dict.
 METHODS: dict[str, dict[str, Any]] = {
@@ -61,6 +62,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "mrp-m": {"method": "mrp-m"},
     "mrp": {"method": "mrp"},
     "mrp-pruned": {"method": "mrp", "targets": "pruned"},
+    "mrp-dense": {"method": "mrp", "targets": "dense"},
     "sparsegpt-residual": {"method": "sparsegpt", "targets": "residual"},
     "mrp-sweep": {"method": "mrp", "mask_rule": "sparsegpt"},
     "mrp+swap": {"method": "mrp", "swap_iters": 1},
