@@ -7,10 +7,10 @@ pruned, every to-be-pruned linear reading the same input node (q/k/v, gate/up) i
 Hessian is accumulated over all samples of that input, each weight is solved and written back in
 place, and the walk goes on: every later node sees the pruned outputs.
 
-targets="dense" / "residual" (PruneConfig): a second walk runs the dense model in lockstep (reading the original
-weights of the layers already pruned). "residual" runs a layer that writes into a residual stream one node early
-in the dense walk, so that its dense output y, the dense stream r and the pruned stream r~ at its add are all at
-hand when it is solved: it is fitted to y + r - r~ (`hessian.OutputDriftMoment`).
+targets="dense" / "residual" (PruneConfig): a second walk runs the dense model (reading the original weights of
+the layers already pruned), in lockstep for "dense"; for "residual" it runs ahead to the next layer that writes
+into a residual stream, so that its dense output y, the dense stream r and the pruned stream r~ at its add are
+all at hand when it is solved: it is fitted to y + r - r~ (`hessian.OutputDriftMoment`).
 """
 
 from __future__ import annotations
@@ -400,7 +400,8 @@ class _Walk:
         self.frees: dict[fx.Node, list[fx.Node]] = defaultdict(list)
         for a, n in last_use.items():
             self.frees[n].append(a)
-        self.early: set[fx.Node] = set()  # nodes run ahead of the walk (run_early): their turn only frees
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.position = 0  # the next node run_through runs
         self.values: dict[fx.Node, list] = {}  # per-sample values of varying nodes
         self.consts: dict[fx.Node, Any] = {}  # single values of sample-independent nodes
         self.placeholder_index = {n: i for i, n in enumerate(n for n in self.nodes if n.op == "placeholder")}
@@ -450,8 +451,6 @@ class _Walk:
             self.values[node] = [sample[index] for sample in self.inputs]
         elif node in self.lazy:
             return
-        elif node in self.early:
-            self.early.discard(node)
         else:
             lazy_values: dict = {}
             for a in node.all_input_nodes:
@@ -472,12 +471,11 @@ class _Walk:
             self.values.pop(node, None)
             self.consts.pop(node, None)
 
-    def run_early(self, node: fx.Node) -> list:
-        """Run `node` before its turn (its inputs are computed; those it is the last user of are freed) and return
-        its per-sample values; its turn then does nothing."""
-        self.run_node(node)
-        self.early.add(node)
-        return self.values[node]
+    def run_through(self, node: fx.Node) -> None:
+        """Run, in order, every node up to and including `node` that this walk has not run yet."""
+        while self.position <= self.index[node]:
+            self.run_node(self.nodes[self.position])
+            self.position += 1
 
     def refresh(self, nodes: Iterable[fx.Node]) -> None:
         """Recompute already-computed values derived from a weight that was just pruned."""
@@ -540,8 +538,26 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
         share = inputs[:max(1, round(config.dense_fraction * len(inputs)))]  # G from the first samples only
         dense_walk = _Walk(gm, share, calib_device, retarget=device is not None, sites=sites,
                            weights=state.originals)
+    # targets="residual": the dense walk runs ahead to the next layer writing into a residual stream and waits there,
+    # holding that layer's dense outputs y and the dense stream r it is added to; it does not walk in lockstep, so
+    # the two walks' transient activations (an MLP's intermediates) are never alive at once.
+    writers = []  # (site, its residual operand), in graph order
+    if config.targets == "residual":
+        for s in sorted(todo, key=lambda s: walk.index[s.node]):
+            other = _residual_operand(s) if len(groups[s.input, s.weight_left]) == 1 else None
+            if other is not None:
+                writers.append((s, other))
+    ahead = iter(writers)
+
+    def advance():
+        following = next(ahead, None)
+        if following is not None:
+            dense_walk.run_through(following[0].node)
+        return following
+
     bar = _progress_bar(len(todo), config.progress and distributed.is_main(ranks))
     try:
+        waiting = advance()  # the writer the dense walk waits at
         for node in walk.nodes:
             if len(done) == len(groups) or node.op == "output":
                 break  # the rest of the graph holds no layer to prune
@@ -550,19 +566,21 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
                 group = groups[site.input, site.weight_left]
                 dense_xs = dense_walk.input_values(site.input) if config.targets == "dense" else None
                 writes = None  # targets="residual": (dense outputs, dense residual, pruned residual) per sample
-                other = _residual_operand(site) if config.targets == "residual" and len(group) == 1 else None
-                if other is not None and other in walk.values and other in dense_walk.values:
-                    ys = dense_walk.run_early(node)  # frees the dense inputs: the moment needs W d, not d
-                    if ys[0].shape == dense_walk.values[other][0].shape:  # no broadcasting add
-                        writes, dense_xs = (ys, dense_walk.values[other], walk.values[other]), None
+                if waiting is not None and waiting[0] is site:
+                    other, ys = waiting[1], dense_walk.values[node]
+                    if other in walk.values and other in dense_walk.values and \
+                            ys[0].shape == dense_walk.values[other][0].shape:  # computed before, no broadcasting
+                        writes = (ys, dense_walk.values[other], walk.values[other])
                 _prune_group(gm, group, len(done), walk.input_values(site.input), config, calib_device, entries,
                              bar, state, dense_xs, writes)
                 done.add((site.input, site.weight_left))
                 walk.refresh([n for s in group for n in s.weight_chain])
             try:
                 walk.run_node(node)
-                if dense_walk is not None:
-                    dense_walk.run_node(node)
+                if config.targets == "dense":
+                    dense_walk.run_through(node)  # in lockstep: a group's dense inputs are at hand when it is solved
+                elif waiting is not None and node is waiting[0].node:
+                    waiting = advance()
             except Exception as e:  # name the place: a shape or dtype error of the calibration data shows up here
                 _note(e, f"mrp_pass: while running the calibration samples through graph node {node.name} "
                          f"({getattr(node.target, '__name__', node.target)})")
