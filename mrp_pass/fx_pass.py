@@ -698,16 +698,17 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
     drift = DriftMoment(group[0].in_features, device=device) if dense_n and writes is None else None
     targets = OutputDriftMoment(group[0].out_features, group[0].in_features, device=device) if writes else None
     seen = hessian  # the H of the samples the dense model ran on
+    weight_t = weight.T.to(xs[0].dtype) if targets is not None else None  # W x~: the target less it is the drift
     for i, x in enumerate(xs):
         try:
-            hessian.add(group[0].inputs(x))
+            x = group[0].inputs(x)
+            hessian.add(x)
             if i < dense_n:
                 if targets is not None:
                     ys, dense_r, pruned_r = writes
-                    own = group[0].inputs(x) @ weight.T.to(x.dtype)  # W x~: the target less it is the drift
-                    targets.add(ys[i] - own + (dense_r[i] - pruned_r[i]), group[0].inputs(x))
+                    targets.add(ys[i] - x @ weight_t + (dense_r[i] - pruned_r[i]), x)
                 else:
-                    drift.add(group[0].inputs(dense_xs[i]), group[0].inputs(x))
+                    drift.add(group[0].inputs(dense_xs[i]), x)
                 if i == dense_n - 1 < len(xs) - 1:  # H of those samples: G's own (see dense_target_map)
                     seen = Hessian(group[0].in_features, device=device)
                     seen.matrix, seen.nsamples = hessian.matrix.clone(), hessian.nsamples

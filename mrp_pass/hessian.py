@@ -68,30 +68,6 @@ class Hessian:
         return int((eig > tol).sum()), n
 
 
-class DriftMoment:
-    """Streaming G = 2/N * sum_t (d_t - x_t) x_t^T over paired rows: d_t the input a layer sees in the dense model,
-    x_t the one it sees in the partly pruned model (same token). With H = 2/N sum x x^T, the weight that best
-    reproduces the dense output W d from the pruned inputs is W (I + G H^-1) (asymmetric calibration,
-    `PruneConfig.targets`). `matrix` and `nsamples` as `Hessian`'s, so the same reductions apply; G is exactly 0
-    where the inputs did not drift."""
-
-    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        self.matrix = torch.zeros(in_features, in_features, dtype=dtype, device=device)
-        self.nsamples = 0
-
-    @torch.no_grad()
-    def add(self, dense: torch.Tensor, x: torch.Tensor) -> None:
-        if dense.shape != x.shape:
-            raise ValueError(f"dense inputs {tuple(dense.shape)} and pruned inputs {tuple(x.shape)} differ in shape")
-        x = x.reshape(-1, x.shape[-1]).to(self.matrix)
-        if x.shape[0] == 0:
-            return
-        drift = dense.reshape(-1, dense.shape[-1]).to(self.matrix) - x
-        self.nsamples = _running_add(self.matrix, self.nsamples, drift, x)
-        if not torch.isfinite(self.matrix).all():
-            raise FloatingPointError("the dense model's calibration activations contain NaN or Inf")
-
-
 class OutputDriftMoment:
     """Streaming E = 2/N * sum_t (y_t - W x_t) x_t^T over paired rows: y_t the output a layer should give (its
     target), W x_t the output it gives on the input x_t it sees in the partly pruned model. With H = 2/N sum x x^T of
@@ -116,6 +92,23 @@ class OutputDriftMoment:
         self.nsamples = _running_add(self.matrix, self.nsamples, y, x)
         if not torch.isfinite(self.matrix).all():
             raise FloatingPointError("the dense model's calibration activations contain NaN or Inf")
+
+
+class DriftMoment(OutputDriftMoment):
+    """Streaming G = 2/N * sum_t (d_t - x_t) x_t^T over paired rows: d_t the input a layer sees in the dense model,
+    x_t the one it sees in the partly pruned model (same token). With H = 2/N sum x x^T, the weight that best
+    reproduces the dense output W d from the pruned inputs is W (I + G H^-1) (asymmetric calibration,
+    `PruneConfig.targets`). `matrix` and `nsamples` as `Hessian`'s, so the same reductions apply; G is exactly 0
+    where the inputs did not drift."""
+
+    def __init__(self, in_features: int, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        super().__init__(in_features, in_features, dtype, device)
+
+    @torch.no_grad()
+    def add(self, dense: torch.Tensor, x: torch.Tensor) -> None:
+        if dense.shape != x.shape:
+            raise ValueError(f"dense inputs {tuple(dense.shape)} and pruned inputs {tuple(x.shape)} differ in shape")
+        super().add(dense.to(self.matrix) - x.to(self.matrix), x)
 
 
 def output_target_weight(weight: torch.Tensor, moment: torch.Tensor, hessian: torch.Tensor,
