@@ -50,7 +50,9 @@ from pathlib import Path
 from typing import Any
 
 # label -> solver options. "mrp-pruned" is mrp fitting each layer to its own output on the pruned inputs (the
-# default until session 5: mrp now fits the residual writers to the dense model's stream), "mrp-dense" to its
+# default until session 5: mrp now fits the residual writers to the dense model's stream), "mrp-df1" the dense model
+# run on every sample instead of the default share, "mrp-df1-fixed" that with the correction's ridge fixed at
+# percdamp (session 5's default, before held-out damping), "mrp-dense" fitting each layer to its
 # output in the dense model (see PruneConfig.targets), "sparsegpt-residual"
 # SparseGPT's solver on those targets, "mrp-sweep" is mrp with SparseGPT's sweep choosing the mask (the default
 # mask is ADMM's), "mrp+swap" refines the mask by one exact swap pass. "dense" (nothing pruned) is not in the dict.
@@ -62,6 +64,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "mrp-m": {"method": "mrp-m"},
     "mrp": {"method": "mrp"},
     "mrp-pruned": {"method": "mrp", "targets": "pruned"},
+    "mrp-df1": {"method": "mrp", "dense_fraction": 1.0},
+    "mrp-df1-fixed": {"method": "mrp", "dense_fraction": 1.0, "target_damping": 0.01},
     "mrp-dense": {"method": "mrp", "targets": "dense"},
     "sparsegpt-residual": {"method": "sparsegpt", "targets": "residual"},
     "mrp-sweep": {"method": "mrp", "mask_rule": "sparsegpt"},

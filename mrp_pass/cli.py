@@ -46,6 +46,9 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dense-fraction", type=float, default=None,
                    help="with --targets dense/residual: share of the calibration samples the dense model runs on "
                         "(0-1]")
+    p.add_argument("--target-damping", type=float, default=None,
+                   help="with --targets residual: the ridge of each corrected target, relative to mean(diag H) "
+                        "(default: chosen per layer on held-out calibration samples)")
     p.add_argument("--device", default=None, help="calibration device (default: cuda if available, else cpu)")
     p.add_argument("--out", required=True, help="output directory (HF save_pretrained layout + report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")

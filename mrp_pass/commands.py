@@ -95,7 +95,7 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
     config = PruneConfig(sparsity=args.sparsity, method=args.method, blocksize=args.blocksize, percdamp=args.percdamp,
                          mask_rule=mask_rule, device=_prune_device(args, nproc),
                          progress=not getattr(args, "no_progress", False))
-    extra = {k: getattr(args, k, None) for k in ("targets", "dense_fraction")}
+    extra = {k: getattr(args, k, None) for k in ("targets", "dense_fraction", "target_damping")}
     config = PruneConfig.build(config, **{k: v for k, v in extra.items() if v is not None})
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
         if value <= 0:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,9 @@ ON_ERROR = ("rollback", "keep_partial")
 TARGETS = ("pruned", "dense", "residual")
 # targets when none is given: "residual" for mrp (the best measured, README), the published protocol for the baselines
 DEFAULT_TARGETS = {"mrp": "residual"}
+# dense_fraction when none is given, per targets: "residual" runs the dense model on a share of the samples that keeps
+# the pass within issue 14's time budget (1.5x SparseGPT's), the correction's ridge chosen on held-out samples (README)
+DEFAULT_DENSE_FRACTION = {"residual": 0.25}
 
 
 class _Unset:
@@ -58,7 +62,10 @@ class PruneConfig:
     (a second forward, a moment per layer, the dense activations' memory). None (default): "residual" for mrp,
     "pruned" for the baselines (their published protocol). dense_fraction: the share of the calibration samples
     (the first ones; each rank's own) the dense model runs on (H always uses every sample): the dense walk's time
-    and memory scale with it."""
+    and memory scale with it; None (default): DEFAULT_DENSE_FRACTION's share for "residual", all for "dense".
+    target_damping ("residual"): the ridge of each writer's correction W* = W + E (H + lambda I)^-1, as
+    lambda / mean(diag H); None (default) chooses it per layer by two-fold cross-validation over the dense model's
+    samples (`hessian.held_out_damping`), a number fixes it."""
 
     sparsity: Sparsity | str | float = "2:4"
     method: str = "mrp"
@@ -74,7 +81,8 @@ class PruneConfig:
     refit: str | None = None
     solver_dtype: torch.dtype = torch.float32
     targets: str | None = None
-    dense_fraction: float = 1.0
+    dense_fraction: float | None = None
+    target_damping: float | None = None
 
     def __post_init__(self) -> None:
         # not a field (callers list the fields): which block size was chosen and why, when none was given
@@ -82,6 +90,9 @@ class PruneConfig:
         object.__setattr__(self, "_targets_chosen", self.targets is None)
         if self.targets is None:
             object.__setattr__(self, "targets", DEFAULT_TARGETS.get(self.method, "pruned"))
+        object.__setattr__(self, "_fraction_chosen", self.dense_fraction is None)
+        if self.dense_fraction is None:
+            object.__setattr__(self, "dense_fraction", DEFAULT_DENSE_FRACTION.get(self.targets, 1.0))
         if self.blocksize is None:
             sp = parse_sparsity(self.sparsity)
             chosen = default_blocksize(sp)
@@ -96,6 +107,9 @@ class PruneConfig:
         df = self.dense_fraction
         if isinstance(df, bool) or not isinstance(df, (int, float)) or not 0 < df <= 1:
             raise ValueError(f"dense_fraction must be a number in (0, 1], got {df!r}")
+        td = self.target_damping
+        if td is not None and (isinstance(td, bool) or not isinstance(td, (int, float)) or not 0 <= td < math.inf):
+            raise ValueError(f"target_damping must be None (chosen on held-out samples) or a number >= 0, got {td!r}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"unknown on_error {self.on_error!r}; choose one of {', '.join(ON_ERROR)}")
         rb = self.refit_blocksize
@@ -133,6 +147,8 @@ class PruneConfig:
             options["blocksize"] = None  # chosen for the old sparsity: choose again for the new one
         if config is not None and config._targets_chosen and "targets" not in options:
             options["targets"] = None  # chosen for the old method: choose again for the new one
+        if config is not None and config._fraction_chosen and "dense_fraction" not in options:
+            options["dense_fraction"] = None  # chosen for the old targets: likewise
         return dataclasses.replace(config, **options) if config is not None else cls(**options)
 
     @property

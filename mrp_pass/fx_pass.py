@@ -60,7 +60,9 @@ from .hessian import (
     HessianOverflowError,
     OutputDriftMoment,
     dense_target_map,
+    held_out_damping,
     output_target_weight,
+    pooled,
 )
 from .solvers import row_losses, solve
 
@@ -86,6 +88,9 @@ class LayerReport:
     skipped: str | None = None  # why the layer was left dense
     target: str = ""  # get_attr path of the weight in the graph
     transposed: bool = False  # the stored tensor is [in, out] (GPT-2 Conv1D): pruned along its dim 0
+    # targets="residual", a layer writing into the residual stream: the damping of its target correction chosen on
+    # held-out samples (relative to mean(diag H)), or "none" when no correction helped them
+    correction: str = ""
 
 
 @dataclass
@@ -530,14 +535,6 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
     # What the pass wrote, to undo it: target -> (the stored tensor, a CPU copy of its old value). Kept only in
     # "rollback" mode (it costs a CPU copy of every pruned weight).
     state = _PassState(backups={} if config.on_error == "rollback" else None, ranks=ranks)
-    # targets="dense": the dense model walks beside the pruned one, reading the original weights (the CPU copies
-    # kept for rollback, or copies of their own); it holds a second set of live activations.
-    dense_walk = None
-    if config.targets in ("dense", "residual"):
-        state.originals = {}
-        share = inputs[:max(1, round(config.dense_fraction * len(inputs)))]  # G from the first samples only
-        dense_walk = _Walk(gm, share, calib_device, retarget=device is not None, sites=sites,
-                           weights=state.originals)
     # targets="residual": the dense walk runs ahead to the next layer writing into a residual stream and waits there,
     # holding that layer's dense outputs y and the dense stream r it is added to; it does not walk in lockstep, so
     # the two walks' transient activations (an MLP's intermediates) are never alive at once.
@@ -547,6 +544,19 @@ def _run_pass(gm: fx.GraphModule, calibration: Iterable, config: PruneConfig, *,
             other = _residual_operand(s) if len(groups[s.input, s.weight_left]) == 1 else None
             if other is not None:
                 writers.append((s, other))
+        if todo and not writers:
+            report.notes.append("targets='residual' found no layer writing into a residual stream (a bias-free "
+                                "linear whose output goes straight into an add): every layer was fitted to its own "
+                                "output, as targets='pruned' does")
+            log.warning("%s", report.notes[-1])
+    # targets="dense" / "residual": the dense model walks beside the pruned one, reading the original weights (the
+    # CPU copies kept for rollback, or copies of their own); it holds a second set of live activations.
+    dense_walk = None
+    if config.targets == "dense" or writers:
+        state.originals = {}
+        share = inputs[:max(1, round(config.dense_fraction * len(inputs)))]  # G from the first samples only
+        dense_walk = _Walk(gm, share, calib_device, retarget=device is not None, sites=sites,
+                           weights=state.originals)
     ahead = iter(writers)
 
     def advance():
@@ -692,26 +702,34 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
     parts = [(t.detach().T if s.transposed else t.detach()).to(device=device, dtype=dtype)
              for s, t in zip(group, stored)]
     weight = torch.cat(parts) if len(parts) > 1 else parts[0]
-    hessian = Hessian(group[0].in_features, device=device)
+    n_in, n_out = group[0].in_features, group[0].out_features
+    hessian = Hessian(n_in, device=device)
     # dense_fraction < 1: the dense walk ran on the first samples only
     dense_n = len(writes[0]) if writes else len(dense_xs) if dense_xs is not None else 0
-    drift = DriftMoment(group[0].in_features, device=device) if dense_n and writes is None else None
-    targets = OutputDriftMoment(group[0].out_features, group[0].in_features, device=device) if writes else None
+    drift = DriftMoment(n_in, device=device) if dense_n and writes is None else None
     seen = hessian  # the H of the samples the dense model ran on
-    weight_t = weight.T.to(xs[0].dtype) if targets is not None else None  # W x~: the target less it is the drift
+    if writes is not None:
+        # targets="residual": the moments of the samples the dense model ran on in two folds (even and odd samples),
+        # to choose the correction's damping on held-out samples (`held_out_damping`), and H of the samples it did
+        # not run on; H, the seen samples' H and E are pooled from the parts (each sample summed once).
+        ys, dense_r, pruned_r = writes
+        h_parts = [Hessian(n_in, device=device) for _ in range(3)]
+        e_parts = [OutputDriftMoment(n_out, n_in, device=device) for _ in range(2)]
+        weight_t = weight.T.to(xs[0].dtype)  # W x~: the target less it is the drift
     for i, x in enumerate(xs):
         try:
             x = group[0].inputs(x)
+            if writes is not None:
+                fold = i % 2 if i < dense_n else 2
+                h_parts[fold].add(x)
+                if fold < 2:
+                    e_parts[fold].add(ys[i] - x @ weight_t + (dense_r[i] - pruned_r[i]), x)
+                continue
             hessian.add(x)
             if i < dense_n:
-                if targets is not None:
-                    ys, dense_r, pruned_r = writes
-                    targets.add(ys[i] - x @ weight_t + (dense_r[i] - pruned_r[i]), x)
-                else:
-                    drift.add(group[0].inputs(dense_xs[i]), x)
+                drift.add(group[0].inputs(dense_xs[i]), x)
                 if i == dense_n - 1 < len(xs) - 1:  # H of those samples: G's own (see dense_target_map)
-                    seen = Hessian(group[0].in_features, device=device)
-                    seen.matrix, seen.nsamples = hessian.matrix.clone(), hessian.nsamples
+                    seen = hessian.copy()
         except HessianOverflowError as e:  # finite activations, H overflowed: say that, not "NaN in the inputs"
             raise FloatingPointError(f"calibrating {', '.join(names)} (sample {i}): {e}") from None
         except FloatingPointError:
@@ -720,13 +738,23 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
                                      ) from None
         except ValueError as e:  # an input of the wrong width: the calibration tensors do not fit the model
             raise ValueError(f"calibration sample {i} does not fit layer {names[0]}: {e}") from None
-    distributed.reduce_hessian(state.ranks, hessian)  # every rank's tokens (no-op for one process)
-    if drift is not None or targets is not None:
-        distributed.reduce_hessian(state.ranks, drift if targets is None else targets)
-        if seen is not hessian:
-            distributed.reduce_hessian(state.ranks, seen)
-    if drift is not None:
-        target_map = dense_target_map(drift.matrix, seen.matrix, config.percdamp)
+    if writes is not None:
+        for part in (*h_parts, *e_parts):  # every rank's tokens (no-op for one process)
+            distributed.reduce_hessian(state.ranks, part)
+        hessian, seen, targets = pooled(h_parts), pooled(h_parts[:2]), pooled(e_parts)
+        if config.target_damping is not None:
+            damping = config.target_damping
+        elif h_parts[0].nsamples and h_parts[1].nsamples:
+            damping = held_out_damping([(e.matrix, h.matrix) for e, h in zip(e_parts, h_parts)])
+        else:  # one dense sample: no second fold to hold out
+            damping = config.percdamp
+    else:
+        distributed.reduce_hessian(state.ranks, hessian)
+        if drift is not None:
+            distributed.reduce_hessian(state.ranks, drift)
+            if seen is not hessian:
+                distributed.reduce_hessian(state.ranks, seen)
+            target_map = dense_target_map(drift.matrix, seen.matrix, config.percdamp)
     if hessian.nsamples < group[0].in_features:  # rank(H) <= tokens: only the damping makes H invertible
         state.rank_deficient.append((hessian.nsamples, group[0].in_features, names))
         log.info("%s: %d calibration tokens for %d inputs: H is rank-deficient", names[0], hessian.nsamples,
@@ -745,8 +773,8 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
     # factorisations (damped inverse, Cholesky, ADMM's eigendecomposition) and runs larger GEMMs.
     if drift is not None:
         weight = (weight.float() @ target_map).to(dtype)
-    elif targets is not None:
-        weight = output_target_weight(weight.float(), targets.matrix, seen.matrix, config.percdamp).to(dtype)
+    elif writes is not None and damping is not None:  # None: no correction helped the held-out samples
+        weight = output_target_weight(weight.float(), targets.matrix, seen.matrix, damping).to(dtype)
     state.current = names[0] if len(group) == 1 else f"{names[0]} (solved with {', '.join(names[1:])})"
     try:
         result = distributed.solve(state.ranks, solve,  # one process: solve itself; else a share of the rows
@@ -784,6 +812,8 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
         e.relative_error = loss / ref if ref > 0 else (0.0 if loss == 0 else math.inf)
         e.loss, e.seconds = loss, result.seconds * part.shape[0] / weight.shape[0]  # the group's time, by rows
         e.group, e.tokens = index, hessian.nsamples
+        if writes is not None:
+            e.correction = "none" if damping is None else f"damping {damping:g}"
         log.debug("pruned %s %s: relative error %.3e", s.name, s.shape, e.relative_error)
         bar.set_postfix_str(s.name, refresh=False)
         bar.update(1)

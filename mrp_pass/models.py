@@ -122,10 +122,16 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dty
     kwargs = {"gguf_file": gguf} if gguf else {}
     try:
         model = from_pretrained(AutoModelForCausalLM, name_or_path, source, dtype=dtype, **kwargs)
-    except ImportError as e:  # gguf / accelerate missing
-        raise ImportError(
-            f"loading {name_or_path!r} needs a missing package: {e}. Run: pip install gguf accelerate"
-        ) from e
+    except ImportError as e:  # gguf / accelerate missing, or transformers could not import the model's class
+        missing = [p for p in ("gguf", "accelerate") if importlib.util.find_spec(p) is None]
+        if missing:
+            raise ImportError(f"loading {name_or_path!r} needs a missing package: {e}. "
+                              f"Run: pip install {' '.join(missing)}") from e
+        # transformers hides the real error; a local file named like a stdlib module (profile.py) is a usual cause
+        raise ImportError(f"loading {name_or_path!r}: transformers could not import the model's code ({e}); gguf "
+                          "and accelerate are installed, so another import failed: run `python -c \"import "
+                          "transformers.models.llama.modeling_llama\"` from the same directory to see it (a local "
+                          "file shadowing a standard module, e.g. profile.py, is a common cause)") from e
     if gguf:
         plain_config(model)
     return model.to(device).eval()

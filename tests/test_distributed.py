@@ -17,7 +17,12 @@ pytest.importorskip("transformers")
 WORLD = 2
 # name, samples, method, targets
 MODELS = [("even", 4, "sparsegpt", "pruned"), ("uneven", 3, "sparsegpt", "pruned"), ("mrp", 4, "mrp", "pruned"),
-          ("mrp-residual", 4, "mrp", "residual")]
+          ("mrp-residual", 4, "mrp", "residual"), ("mrp-residual-cv", 4, "mrp", "residual-cv")]
+# "residual" with its damping fixed (the tiny model's drift is noise to cross-validation: it keeps no correction);
+# "residual-cv" chooses it on held-out samples, from moments reduced over the ranks (each rank's even / odd samples)
+# (every sample: a share of each rank's samples is not the same samples as that share of one process's)
+TARGETS = {"residual": {"targets": "residual", "target_damping": 0.01, "dense_fraction": 1.0},
+           "residual-cv": {"targets": "residual", "dense_fraction": 1.0}}
 # Row-split solves given the same H: every method, and the options that change the solver's path.
 SOLVES = [("magnitude", {}), ("wanda", {}), ("sparsegpt", {}), ("mrp-s", {}), ("mrp-m", {}),
           ("mrp-m", {"mask_rule": "admm"}), ("mrp", {}), ("mrp", {"mask_rule": "sparsegpt"}),
@@ -63,7 +68,7 @@ def _scenarios(rank: int, out: str) -> dict:
     # 2. whole models: even and uneven shares, the same calibration list given to every rank
     for name, n, method, targets in MODELS:
         model = tiny_llama()
-        report = prune(model, windows(n), method=method, targets=targets, progress=False)
+        report = prune(model, windows(n), method=method, progress=False, **TARGETS.get(targets, {"targets": targets}))
         res[name] = (weights(model), [(layer.name, layer.tokens, layer.relative_error) for layer in report.pruned])
     # 3. rank 1 fails in layer 1's calibration (a NaN norm weight), after layer 0 was pruned on both ranks
     model = tiny_llama()
@@ -114,7 +119,7 @@ def reference(n: int, method: str, targets: str = "pruned"):
     model, threads = tiny_llama(), torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        report = prune(model, windows(n), method=method, targets=targets, progress=False)
+        report = prune(model, windows(n), method=method, progress=False, **TARGETS.get(targets, {"targets": targets}))
     finally:
         torch.set_num_threads(threads)
     return weights(model), [(layer.name, layer.tokens, layer.relative_error) for layer in report.pruned]
@@ -174,6 +179,8 @@ def test_residual_targets_equal_one_process_in_layer_error(ranks):
     assert errs == pytest.approx(ref_errs, rel=0.25)
     assert sum(errs) == pytest.approx(sum(ref_errs), rel=0.02)
     assert errs != pytest.approx([e for _, _, e in pruned_rep], rel=0.1)  # the targets did change the solves
+    (c0, cv0), (c1, cv1) = ranks[0]["mrp-residual-cv"], ranks[1]["mrp-residual-cv"]
+    assert all(torch.equal(c0[k], c1[k]) for k in c0) and cv0 == cv1  # the ranks chose alike
 
 
 def test_a_failing_rank_stops_every_rank_and_rolls_back(ranks):

@@ -209,6 +209,28 @@ def test_unknown_hub_name_offline_fails_at_once(monkeypatch, capsys):
     assert "cannot be reached" in err and len(err.splitlines()) == 1, err
 
 
+def test_import_error_names_only_the_packages_that_are_missing(tiny_dir, monkeypatch):
+    """transformers turns any failed import of a model's code into 'Could not import module ...': telling the user
+    to install gguf and accelerate when both are there sends them the wrong way (a shadowing profile.py did it)."""
+    import importlib.util
+
+    import transformers
+
+    import mrp_pass.models
+
+    def hidden_import_error(*args, **kwargs):
+        raise ModuleNotFoundError("Could not import module 'LlamaForCausalLM'.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", hidden_import_error)
+    with pytest.raises(ImportError) as info:
+        mrp_pass.models.load_model(tiny_dir)
+    assert "pip install" not in str(info.value) and "modeling_llama" in str(info.value), info.value
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"Run: pip install gguf$"):
+        mrp_pass.models.load_model(tiny_dir)
+
+
 def test_broken_configs_are_one_line_errors_and_eval_reads_compressed(tiny_dir, tmp_path, capsys):
     import shutil
 

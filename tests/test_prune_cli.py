@@ -8,6 +8,7 @@ from torch import nn
 
 from mrp_pass import is_nm_sparse
 from mrp_pass.cli import main
+from mrp_pass.config import DEFAULT_DENSE_FRACTION
 from mrp_pass.models import load_model
 
 
@@ -58,13 +59,19 @@ def test_dense_targets_reach_the_pass_and_bad_fractions_fail_before_loading(tiny
 def test_residual_targets_are_mrps_default_and_can_be_turned_off(tiny_dir, tmp_path, capsys):
     mrp = ("--method", "mrp")
     assert main(prune_args(tiny_dir, tmp_path / "default", *mrp)) == 0
-    assert "residual targets (dense model on 100% of the samples)" in capsys.readouterr().out
+    share = f"{DEFAULT_DENSE_FRACTION['residual']:.0%}"
+    assert f"residual targets (dense model on {share} of the samples)" in capsys.readouterr().out
     assert json.loads((tmp_path / "default" / "report.json").read_text())["targets"] == "residual"
     assert main(prune_args(tiny_dir, tmp_path / "pruned", *mrp, "--targets", "pruned")) == 0
     assert "targets" not in capsys.readouterr().out.split("calibration tokens")[0]
     assert json.loads((tmp_path / "pruned" / "report.json").read_text())["targets"] == "pruned"
     default, pruned = (load_model(tmp_path / d).model.layers[1].mlp.down_proj.weight for d in ("default", "pruned"))
     assert is_nm_sparse(default) and not torch.equal(default, pruned)
+    assert main(prune_args(tiny_dir, tmp_path / "fixed", *mrp, "--target-damping", "0.1")) == 0
+    layers = json.loads((tmp_path / "fixed" / "report.json").read_text())["layers"]
+    assert [entry["correction"] for entry in layers if entry["correction"]] == ["damping 0.1"] * 4, layers
+    assert main(prune_args(tiny_dir, tmp_path / "bad", *mrp, "--target-damping", "-1")) == 2
+    assert "target_damping must be None" in capsys.readouterr().err and not (tmp_path / "bad").exists()
 
 
 def test_prune_refuses_to_clobber_without_overwrite(tiny_dir, tmp_path, capsys):
