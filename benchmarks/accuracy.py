@@ -65,7 +65,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "mrp": {"method": "mrp"},
     "mrp-pruned": {"method": "mrp", "targets": "pruned"},
     "mrp-df1": {"method": "mrp", "dense_fraction": 1.0},
-    "mrp-df1-fixed": {"method": "mrp", "dense_fraction": 1.0, "target_damping": 0.01},
+    "mrp-df1-fixed": {"method": "mrp", "targets": "residual", "dense_fraction": 1.0, "target_damping": 0.01},
     "mrp-dense": {"method": "mrp", "targets": "dense"},
     "sparsegpt-residual": {"method": "sparsegpt", "targets": "residual"},
     "mrp-sweep": {"method": "mrp", "mask_rule": "sparsegpt"},

@@ -259,7 +259,7 @@ def _moments(x: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return 2 * d.T @ x / len(x), 2 * x.T @ x / len(x)
 
 
-@pytest.mark.parametrize("signal,expect", [(1.0, TARGET_DAMPING[0]), (0.0, None), (0.05, "between")])
+@pytest.mark.parametrize("signal,expect", [(1.0, TARGET_DAMPING[0]), (0.0, None), (0.15, "between")])
 def test_held_out_damping_is_two_fold_cross_validation(signal, expect):
     """From the moments alone, the choice the tokens themselves give (`reference_damping`): a drift the inputs
     predict well gets the least damping, pure noise no correction, a weak drift in few tokens something between."""
