@@ -157,7 +157,8 @@ def held_out_damping(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], grid: S
     each a Cholesky and two [out, in] x [in, in] products per direction). Returns lambda / mean(diag H) of the best,
     or None when no correction reduces the held-out error (the targets' drift is not predictable from these inputs:
     fit the layer's own outputs). A correction regressed on few tokens per input fits their noise: measured on
-    SmolLM2's down projections, 32 x 512 tokens for 1536 inputs undid most of what the residual targets gain."""
+    SmolLM2 2:4, the dense model on 32 x 512 tokens (writers up to 1536 inputs wide) with the ridge fixed at
+    percdamp undid most of what the residual targets gain (perplexity 61.94 against 52.92 on every sample)."""
     directions = ((folds[0], folds[1]), (folds[1], folds[0]))
     scales = [float(h.diagonal().mean()) for _, h in folds]
     if not all(scale > 0 for scale in scales):
