@@ -15,6 +15,7 @@ from torch import nn
 
 from mrp_pass import METHODS, Hessian, damped_inverse, is_nm_sparse, parse_sparsity, solve
 from mrp_pass import solvers as solvers_module
+from mrp_pass.hessian import damped_hessian
 
 
 def layer_with_inputs(rows: int = 8, cols: int = 32, tokens: int = 128, seed: int = 0, corr: float = 0.5):
@@ -57,6 +58,17 @@ def test_hessian_beyond_damping_gives_a_clear_error(caplog):
                                                           r"\(= 1e\+03 x mean diag, 6 tries\)"):
         damped_inverse(h)
     assert caplog.text.count("Cholesky of H failed") == 5
+
+
+def test_cholesky_factor_in_place_of_the_inverse_has_the_same_damping():
+    # inverse=False (the default mrp's ADMM + CG, the target corrections) must damp exactly as the inverse's callers
+    # do, escalation included: the factor is that of the very H + lambda I returned beside it
+    h = torch.ones(16, 16)  # rank 1: percdamp 0 escalates
+    h_damped, inv = damped_hessian(h, 0.0)
+    h_damped2, chol = damped_hessian(h, 0.0, inverse=False)
+    assert torch.equal(h_damped, h_damped2) and torch.equal(chol, chol.tril())
+    torch.testing.assert_close(chol @ chol.T, h_damped)
+    torch.testing.assert_close(torch.cholesky_inverse(chol), inv)
 
 
 def test_mildly_indefinite_hessian_is_damped():

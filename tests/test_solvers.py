@@ -222,8 +222,11 @@ def test_fast_2_4_mask_keeps_what_topk_keeps_ties_and_nan_included():
     g = torch.Generator().manual_seed(0)
     with_nan = torch.randn(8, 16, generator=g)
     with_nan[1, 2] = with_nan[5, 13] = float("nan")
+    with_inf = torch.randn(8, 16, generator=g)
+    with_inf[0, :3] = float("inf")
+    with_inf[2, 4:6] = float("-inf")
     scores = [torch.randn(33, 64, generator=g), torch.randint(0, 3, (33, 64), generator=g).float(),
-              torch.zeros(3, 8), with_nan]
+              torch.zeros(3, 8), with_nan, with_inf]
     for s in scores:
         groups = s.reshape(s.shape[0], -1, 4)
         expected = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(2, dim=2).indices, True)
