@@ -703,7 +703,7 @@ def _prune_group(gm: fx.GraphModule, group: list[LinearSite], index: int, xs: li
              for s, t in zip(group, stored)]
     weight = torch.cat(parts) if len(parts) > 1 else parts[0]
     n_in, n_out = group[0].in_features, group[0].out_features
-    hessian = Hessian(n_in, device=device)
+    hessian = Hessian(n_in, device=device) if writes is None else None  # a residual writer's: pooled from parts
     # dense_fraction < 1: the dense walk ran on the first samples only
     dense_n = len(writes[0]) if writes else len(dense_xs) if dense_xs is not None else 0
     drift = DriftMoment(n_in, device=device) if dense_n and writes is None else None
