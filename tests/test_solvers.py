@@ -1,6 +1,7 @@
 """Layer solvers on synthetic layers with correlated inputs (issue 3)."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -238,3 +239,16 @@ def test_mrp_default_is_the_measured_one_admm_mask_and_cg_refit():
     default = solve(w, h, "2:4")
     assert torch.equal(default.weight, solve(w, h, "2:4", method="mrp", mask_rule="admm", refit="cg").weight)
     assert not torch.equal(default.mask, solve(w, h, "2:4", method="mrp", mask_rule="sparsegpt").mask)
+
+
+@pytest.mark.parametrize("method,options", [
+    ("mrp", {}), ("mrp", {"refit": "exact"}), ("mrp", {"refit_blocksize": 16}), ("mrp", {"swap_iters": 1}),
+    *[("mrp", {"mask_rule": rule}) for rule in ("obs", "sparsegpt", "group")],
+    ("mrp-m", {"mask_rule": "admm"}), ("mrp-s", {"mask_rule": "admm"}), ("sparsegpt", {}),
+])
+def test_every_solver_path_gets_the_factor_it_needs(method, options):
+    # solve skips H^-1 and its Cholesky factor for the default ADMM + CG: any path that sweeps must still get them
+    w, x, h = correlated_layer(rows=8, cols=32)
+    r = solve(w, h, "2:4", method=method, **options)
+    assert is_nm_sparse(r.weight) and math.isfinite(r.loss)
+    assert r.loss == pytest.approx(0.5 * float((((r.weight - w).double() @ x) ** 2).sum() * 2), rel=1e-3)
