@@ -126,8 +126,14 @@ def output_target_weight(weight: torch.Tensor, moment: torch.Tensor, hessian: to
     (E = 2/N (Y - W X) X^T, H = 2/N X X^T of the same samples), the correction damped as in `dense_target_map`
     (W* = W exactly where the targets are W's own outputs). Float64 inside, `weight`'s dtype out."""
     _, chol = damped_hessian(hessian.to(torch.float64), percdamp, inverse=False)
-    correction = torch.cholesky_solve(moment.to(torch.float64).T, chol).T  # E (H + lambda I)^-1, no inverse formed
-    return (weight.to(torch.float64) + correction).to(weight.dtype)
+    return (weight.to(torch.float64) + solve_right(moment.to(torch.float64), chol)).to(weight.dtype)
+
+
+def solve_right(matrix: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
+    """M A^-1 for A = L L^T given its lower Cholesky factor L, without forming A^-1: M L^-T L^-1 by two triangular
+    solves from the right, in M's own layout (15% faster than cholesky_solve on the transposes, 576 x 1536 M)."""
+    return torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(chol.mT, matrix, upper=True, left=False),
+                                         upper=False, left=False)
 
 
 def pooled(parts: Sequence[Hessian | OutputDriftMoment]) -> Hessian | OutputDriftMoment:
@@ -175,10 +181,7 @@ def held_out_damping(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], grid: S
                 if info.item() != 0:
                     total = -math.inf
                     break
-                # E (H + lambda I)^-1 = E L^-T L^-1 by two triangular solves from the right (E's own layout: 15%
-                # faster than cholesky_solve on the transpose)
-                delta = torch.linalg.solve_triangular(chol, torch.linalg.solve_triangular(
-                    chol.mT, e_fit, upper=True, left=False), upper=False, left=False)
+                delta = solve_right(e_fit, chol)  # E (H + lambda I)^-1
                 total += float((delta * e_test).double().sum() - 0.5 * ((delta @ h_test) * delta).double().sum())
             scores[k] = total
         return scores[k]
@@ -204,7 +207,7 @@ def dense_target_map(drift: torch.Tensor, hessian: torch.Tensor, percdamp: float
     without bound (measured: |W*| up to 100x |W| on SmolLM2's down projections, perplexity in the millions).
     Float64 inside, `drift`'s dtype out; one M serves every layer of a group."""
     _, chol = damped_hessian(hessian.to(torch.float64), percdamp, inverse=False)
-    m = torch.cholesky_solve(drift.to(torch.float64).T, chol).T  # G (H + lambda I)^-1
+    m = solve_right(drift.to(torch.float64), chol)  # G (H + lambda I)^-1
     m.diagonal().add_(1.0)
     return m.to(drift.dtype)
 
