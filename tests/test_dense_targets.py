@@ -1,5 +1,7 @@
 """targets="dense" (asymmetric calibration): each layer fitted to the dense model's output, W* = W (I + G H^-1)."""
 
+import math
+
 import pytest
 import torch
 from tiny_models import VOCAB, tiny_llama
@@ -7,7 +9,14 @@ from torch import nn
 
 from mrp_pass import Hessian, PruneConfig, prune, solve
 from mrp_pass.config import DEFAULT_DENSE_FRACTION
-from mrp_pass.hessian import TARGET_DAMPING, DriftMoment, dense_target_map, held_out_damping, pooled
+from mrp_pass.hessian import (
+    TARGET_DAMPING,
+    DriftMoment,
+    OutputDriftMoment,
+    dense_target_map,
+    held_out_damping,
+    pooled,
+)
 
 pytest.importorskip("transformers")
 
@@ -58,6 +67,21 @@ def test_cross_moment_rejects_unpaired_inputs():
     with pytest.raises(ValueError, match="differ in shape"):
         DriftMoment(8).add(torch.randn(3, 8), torch.randn(4, 8))
 
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_moments_reject_non_finite_activations(bad):
+    """The moments test finiteness by a sum (one reduction): a NaN or an Inf in any entry still raises, later adds
+    included, and large finite entries whose sum alone overflows float32 do not."""
+    y, x = torch.randn(5, 3), torch.randn(5, 4)
+    e = OutputDriftMoment(3, 4)
+    e.add(y, x)
+    y[2, 1] = bad
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        e.add(y, x)
+    big = OutputDriftMoment(3, 4)
+    big.add(torch.full((2, 3), 1e19), torch.full((2, 4), 1e19))  # entries 2e38: finite, their sum is not
+    assert not torch.isfinite(big.matrix.sum()) and torch.isfinite(big.matrix).all()
 
 def test_default_targets_follow_the_method():
     """mrp fits to the dense model's stream by default; the baselines keep their published protocol."""
