@@ -39,7 +39,7 @@ REFITS = ("cg", "exact")
 # The default `mrp`, chosen by benchmarks/layer_solvers.py on real SmolLM2 layers (numbers in the README):
 # ADMM over the whole row picks the mask, then Solution M over the whole row (the exact least-squares refit,
 # by conjugate gradients) updates every kept weight: 0.69x SparseGPT's error at 2.7x its solve time (session 8).
-# SparseGPT's sweep mask with the same refit: 0.74x at 2.0-2.2x; the group-exact mask and swap passes cost 3.5-18x.
+# SparseGPT's sweep mask with the same refit: 0.74x at 2.0-2.3x; the group-exact mask and swap passes cost 3.4-18x.
 MRP_DEFAULT = {"mask_rule": "admm", "swap_iters": 0, "refit": "cg"}
 # Relative residual |A z - w|_inf / (|A|_max |z|_inf + |w|_inf) above which a float32 k x k solve of Solution M
 # is redone in float64 (float32's unit roundoff is 6e-8; a well-conditioned solve lands near 1e-6).
