@@ -68,7 +68,6 @@ def test_cross_moment_rejects_unpaired_inputs():
         DriftMoment(8).add(torch.randn(3, 8), torch.randn(4, 8))
 
 
-
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_moments_reject_non_finite_activations(bad):
     """The moments test finiteness by a sum (one reduction): a NaN or an Inf in any entry still raises, later adds
@@ -82,6 +81,7 @@ def test_moments_reject_non_finite_activations(bad):
     big = OutputDriftMoment(3, 4)
     big.add(torch.full((2, 3), 1e19), torch.full((2, 4), 1e19))  # entries 2e38: finite, their sum is not
     assert not torch.isfinite(big.matrix.sum()) and torch.isfinite(big.matrix).all()
+
 
 def test_default_targets_follow_the_method():
     """mrp fits to the dense model's stream by default; the baselines keep their published protocol."""
