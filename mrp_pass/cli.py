@@ -68,12 +68,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True)
-    p.add_argument("--format", choices=["onnx", "tensorrt", "compressed"], required=True)
-    p.add_argument("--out", required=True, help="output file (onnx, tensorrt) or directory (compressed); never "
+    p.add_argument("--format", choices=["onnx", "tensorrt", "compressed", "pt2"], required=True,
+                   help="pt2: the compiled CPU engine (AOTInductor package of a LLaMA-family model on the 2:4 kernel)")
+    p.add_argument("--out", required=True, help="output file (onnx, tensorrt, pt2) or directory (compressed); never "
                    "the --model path or inside it")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (a directory only if it holds nothing but this tool's files)")
-    p.add_argument("--dtype", default=None, help="float32 | float16 (default: float32 for onnx, float16 otherwise)")
+    p.add_argument("--dtype", default=None, help="float32 | float16 (default: float32 for onnx, float16 otherwise); "
+                   "pt2: the precision of the 2:4 values and the head, float32 | float16 | bfloat16 | int8")
+    p.add_argument("--max-seq-len", type=positive_int, default=1024,
+                   help="pt2: the longest sequence (prompt + generated tokens) the engine's KV cache holds")
     p.add_argument("--seqlen", type=positive_int, default=128, help="example input length for tracing")
 
 

@@ -172,6 +172,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .models import load_model
 
+    if args.format == "pt2":
+        return _export_pt2(args)
     dtype = parse_dtype(args.dtype or ("float32" if args.format == "onnx" else "float16"))
     if args.format == "tensorrt":
         require_tensorrt()  # fail before the (slow) model load
@@ -204,4 +206,38 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(report)
     atomic_write_text(report_path, json.dumps(payload, indent=2, default=str))
     print(f"report: {report_path}")
+    return 0
+
+
+VALUE_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def _export_pt2(args: argparse.Namespace) -> int:
+    from export.atomic import check_output
+    from runtime.compiled import build_pt2, read_meta
+    from runtime.cpu_sparse import kernel_available
+    from runtime.decoder import check_supported
+
+    from .models import load_model
+
+    values = VALUE_DTYPES.get(str(args.dtype or "float16").lower().removeprefix("torch."))
+    if values is None:
+        raise ValueError(f"--dtype {args.dtype!r}: the pt2 engine's values are float32, float16, bfloat16 or int8")
+    out = Path(args.out)
+    if out.suffix != ".pt2":
+        raise ValueError(f"--out {out}: the compiled engine is one file named *.pt2")
+    check_output(out, getattr(args, "overwrite", False), inputs=model_inputs(args.model), kind="file")
+    ok, why = kernel_available()  # before the model load: the package calls the kernel
+    if not ok:
+        raise RuntimeError(f"the pt2 engine needs the CPU 2:4 kernel: {why}")
+    model = load_model(args.model)
+    check_supported(model, args.max_seq_len)
+    print(f"compiling {args.model} to {out} (values {args.dtype or 'float16'}, max_seq_len {args.max_seq_len}); "
+          "about a minute per 100M parameters on 2 cores")
+    build_pt2(model, out, values=values, max_seq_len=args.max_seq_len)
+    meta = read_meta(out)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {meta['sparse_linears']} linears 2:4, "
+          f"{meta['dense_linears']} dense; export {meta['export_s']} s, compile {meta['compile_s']} s). "
+          f"Run it: runtime.load({str(out)!r}).generate(ids, max_new_tokens=...)")
     return 0

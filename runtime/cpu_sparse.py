@@ -38,7 +38,8 @@ ROWS = 8  # output rows per block
 SOURCE = Path(__file__).parent / "csrc" / "sparse24_cpu.cpp"
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
-VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# int8 values are symmetric, one float32 scale per output row (max |kept value| / 127)
+VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 
 # (p1, p2) -> nibble p1 | p2 << 2, and the inverse for a 4-bit keep mask (bit i = input i kept): exactly 2 bits.
 _MASK_TO_CODE = [-1] * 16
@@ -49,10 +50,11 @@ for _a in range(4):
 
 @dataclass
 class Packed24:
-    values: torch.Tensor  # [blocks, groups, 16] float32 / float16 / bfloat16
+    values: torch.Tensor  # [blocks, groups, 16] float32 / float16 / bfloat16 / int8
     positions: torch.Tensor  # [blocks, groups] int32
     out_features: int
     in_features: int
+    scales: torch.Tensor | None = None  # int8 values only: float32 [blocks * 8], row r's values times scales[r]
 
     @property
     def value_dtype(self) -> torch.dtype:
@@ -60,7 +62,8 @@ class Packed24:
 
     @property
     def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.positions.numel() * 4
+        scales = 0 if self.scales is None else self.scales.numel() * 4
+        return self.values.numel() * self.values.element_size() + self.positions.numel() * 4 + scales
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -90,17 +93,29 @@ def _assemble(out_features: int, in_features: int, value_dtype: torch.dtype, chu
     groups, blocks = in_features // 4, -(-out_features // ROWS)
     values = torch.zeros(blocks, groups, 16, dtype=value_dtype)
     positions = torch.zeros(blocks, groups, dtype=torch.int32)
+    scales = torch.ones(blocks * ROWS) if value_dtype == torch.int8 else None
     for row0, v1, v2, codes in chunks:
         n = codes.shape[0]
         pad = -n % ROWS
         if pad:
             v1, v2 = F.pad(v1, (0, 0, 0, pad)), F.pad(v2, (0, 0, 0, pad))
             codes = F.pad(codes, (0, 0, 0, pad))
+        if scales is not None:
+            v1, v2, row_scales = _quantize_rows(v1.float(), v2.float())
+            scales[row0 : row0 + row_scales.numel()] = row_scales
         vals, words = _layout(v1, v2, codes, value_dtype)
         b0 = row0 // ROWS
         values[b0 : b0 + vals.shape[0]] = vals
         positions[b0 : b0 + vals.shape[0]] = words
-    return Packed24(values, positions, out_features, in_features)
+    return Packed24(values, positions, out_features, in_features, scales)
+
+
+def _quantize_rows(v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Symmetric int8 of each row's kept values: (round(v1 / s), round(v2 / s), s) with s = max |kept| / 127."""
+    amax = torch.maximum(v1.abs().amax(1), v2.abs().amax(1))
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+    q = [(v / scale[:, None]).round().clamp_(-127, 127) for v in (v1, v2)]
+    return q[0], q[1], scale
 
 
 def _chunk_rows(out_features: int, in_features: int) -> int:
@@ -186,7 +201,9 @@ def unpack(packed: Packed24) -> torch.Tensor:
     codes = (packed.positions.to(torch.int64).unsqueeze(-1) >> shifts) & 15  # [blocks, groups, ROWS]
     codes = codes.permute(0, 2, 1).reshape(n, groups)
     idx = torch.stack([codes & 3, codes >> 2], dim=-1)  # [n, groups, 2]
-    dense = torch.zeros(n, groups, 4, dtype=packed.values.dtype)
+    if packed.scales is not None:  # int8: the dequantized weight, float32
+        vals = vals.float() * packed.scales.view(n, 1, 1)
+    dense = torch.zeros(n, groups, 4, dtype=vals.dtype)
     dense.scatter_(-1, idx, vals)
     return dense.reshape(n, 4 * groups)[: packed.out_features]
 
@@ -273,8 +290,12 @@ def kernel_available() -> tuple[bool, str]:
 
 def _register_fake() -> None:
     @torch.library.register_fake("mrp::sparse24_linear")
-    def _(x, values, positions, bias, out_features, in_features):
+    def _(x, values, positions, bias, out_features, in_features, scales=None, dense_weight=None, dense_from_rows=0):
         return x.new_empty((*x.shape[:-1], out_features))
+
+    @torch.library.register_fake("mrp::dense_linear")
+    def _(x, weight, scales=None, bias=None):
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _warn_fallback(reason: str) -> None:
@@ -291,7 +312,7 @@ def sparse24_linear(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None
     ok, reason = kernel_available()
     if ok:
         return torch.ops.mrp.sparse24_linear(x, packed.values, packed.positions, bias, packed.out_features,
-                                             packed.in_features)
+                                             packed.in_features, packed.scales)
     _warn_fallback(reason)
     w = unpack(packed).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -310,11 +331,12 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", packed.values)
         self.register_buffer("positions", packed.positions)
         self.register_buffer("bias", None if bias is None else bias.detach().to("cpu").clone())
+        self.register_buffer("scales", packed.scales)
         kernel_available()  # build / load the extension now, not inside a first forward traced by torch.compile
 
     @property
     def packed(self) -> Packed24:
-        return Packed24(self.values, self.positions, self.out_features, self.in_features)
+        return Packed24(self.values, self.positions, self.out_features, self.in_features, self.scales)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, value_dtype: torch.dtype = torch.float32) -> SparseLinear:
@@ -382,3 +404,45 @@ def sparsify_cpu(model: nn.Module, filter=None, value_dtype: torch.dtype = torch
         setattr(parent, child, SparseLinear.from_linear(mod, value_dtype))
         report.append((name, "sparse"))
     return report
+
+
+class DenseLinear(nn.Module):
+    """A dense linear held at the engine's value precision: float16 / bfloat16, or int8 with one float32 scale per
+    output row (symmetric, max |w| / 127); float32 activations and sums (`mrp::dense_linear`). For the LM head
+    and, tied or not, the embedding table (`lookup`): at one token row the head is the largest weight read."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if dtype not in VALUE_DTYPES:
+            raise ValueError(f"DenseLinear: dtype must be one of {VALUE_DTYPES}, got {dtype}")
+        w = weight.detach().to("cpu", torch.float32)
+        self.out_features, self.in_features = w.shape
+        scales = None
+        if dtype == torch.int8:
+            amax = w.abs().amax(1)
+            scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
+            w = (w / scales[:, None]).round_().clamp_(-127, 127)
+        self.register_buffer("weight", w.to(dtype).contiguous())
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias is None else bias.detach().to("cpu", torch.float32).clone())
+        kernel_available()
+
+    def dequantized(self) -> torch.Tensor:
+        w = self.weight.float()
+        return w * self.scales[:, None] if self.scales is not None else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ok, reason = kernel_available()
+        if ok:
+            return torch.ops.mrp.dense_linear(x, self.weight, self.scales, self.bias)
+        _warn_fallback(reason)
+        return F.linear(x.float(), self.dequantized(), self.bias).to(x.dtype)
+
+    def lookup(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Rows of the weight as float32 (an embedding table's lookup)."""
+        rows = self.weight[tokens].float()
+        return rows * self.scales[tokens].unsqueeze(-1) if self.scales is not None else rows
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"weight={str(self.weight.dtype).removeprefix('torch.')}")

@@ -229,7 +229,7 @@ def _torch_dtype(np_dtype) -> torch.dtype:
     return torch.from_numpy(np.zeros(1, dtype=np_dtype)).dtype
 
 
-CHECKPOINT_ENGINES = ("torch", "cpu-sparse")
+CHECKPOINT_ENGINES = ("torch", "cpu-sparse", "cpu-compiled")
 
 
 def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = None,
@@ -237,10 +237,12 @@ def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = 
     """A callable engine for `.onnx` (onnxruntime), `.ep` / `.engine` (TensorRT), or a checkpoint directory
     (compressed 2:4 checkpoint, or a plain Hugging Face model directory as a dense baseline).
 
-    `engine` (checkpoint directories): "torch" (default: decompressed, dense) or "cpu-sparse" (a compressed
+    `engine` (checkpoint directories): "torch" (default: decompressed, dense), "cpu-sparse" (a compressed
     checkpoint's 2:4 linears run by the CPU 2:4 kernel straight from their stored values and positions, never
-    made dense; the other weights in float32). `dtype`: cast a dense checkpoint's model to it (e.g. float32 on
-    a CPU, where an fp16 checkpoint runs slowly)."""
+    made dense; the other weights in float32) or "cpu-compiled" (a LLaMA-family checkpoint compiled ahead of time
+    to a `.pt2` on the 2:4 kernel, `dtype` its value precision, default float16; compiled once into the kernel's
+    cache folder, later loads reuse it). `dtype`: cast a dense checkpoint's model to it (e.g. float32 on a CPU,
+    where an fp16 checkpoint runs slowly). A `.pt2` file is the compiled CPU engine (`mrp export --format pt2`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"engine {path} does not exist")
@@ -249,6 +251,16 @@ def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = 
                          f"{', '.join(CHECKPOINT_ENGINES)} (files pick their engine by suffix)")
     if path.is_dir():
         from export.compressed import is_compressed_checkpoint, load_compressed
+
+        if engine == "cpu-compiled":
+            from .compiled import cached_pt2, load_pt2
+
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"engine 'cpu-compiled' runs on the CPU, not {device!r}")
+            built, compiled = cached_pt2(path, values=dtype or torch.float16)
+            lm = load_pt2(built)
+            lm.notes.append(f"{'compiled now' if compiled else 'reused'}: {built}")
+            return lm
 
         if is_compressed_checkpoint(path):
             if engine == "cpu-sparse":
@@ -275,7 +287,11 @@ def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = 
         return TorchEngine(module, "cuda", kind="tensorrt (.ep)", provider="torch-tensorrt")
     if suffix in (".engine", ".plan", ".trt"):
         return TensorRTEngine(path)
-    raise ValueError(f"{path}: unknown engine kind; expected .onnx, .ep, .engine or a checkpoint directory")
+    if suffix == ".pt2":
+        from .compiled import load_pt2
+
+        return load_pt2(path)
+    raise ValueError(f"{path}: unknown engine kind; expected .onnx, .ep, .engine, .pt2 or a checkpoint directory")
 
 
 def _cpu_sparse_checkpoint(path: Path, device: str) -> TorchEngine:

@@ -59,7 +59,7 @@ def dense_threshold(kernel):
 
 def op(x, packed, bias=None):
     return torch.ops.mrp.sparse24_linear(x, packed.values, packed.positions, bias, packed.out_features,
-                                         packed.in_features)
+                                         packed.in_features, packed.scales)
 
 
 def close(a, b, in_features):

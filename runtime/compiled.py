@@ -1,0 +1,241 @@
+"""The compiled CPU engine: a pruned LLaMA-family model ahead-of-time compiled to one `.pt2` package.
+
+`torch.export` traces `runtime.decoder.Decoder` (static KV cache, the 2:4 kernel `mrp::sparse24_linear` and the
+half / int8 head `mrp::dense_linear` inside) with the token count T and the sequence length L as symbolic
+dimensions; AOTInductor compiles it to C++ (no Python between operators: in transformers' eager loop the
+interpreter, not the weights, took most of a decode step) and packages the shared library with its weights. One
+program serves the prompt (T tokens) and every decode step (T = 1).
+
+    path = build_pt2(model, "model.pt2", values=torch.float16)      # compile once (about a minute on 2 cores)
+    lm = load_pt2("model.pt2")                                       # later: load only, no compiler
+    tokens = lm.generate(prompt_ids, max_new_tokens=128)
+
+The package needs torch and the kernel extension at load time (runtime.cpu_sparse builds or reuses it), not the
+pruning package, transformers or a compiler-side Python toolchain. Its `extra/mrp_engine.json` records the model
+shape, the value precision, the torch version and the CPU it was compiled on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from export.atomic import atomic_files
+
+from .cpu_sparse import DenseLinear, SparseLinear, kernel_available
+from .decoder import Decoder, from_hf
+from .engines import Engine
+
+META = "extra/mrp_engine.json"
+FORMAT = 1
+DEFAULT_MAX_SEQ_LEN = 1024
+
+
+def cpu_model() -> str:
+    """The CPU's model name and vector extensions (what the compiled code and its speed depend on)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and name in ("", platform.machine(), platform.processor()):
+                name = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    return f"{name} ({' '.join(simd) or 'no AVX2'})"
+
+
+def export_decoder(decoder: Decoder, batch: int = 1) -> torch.export.ExportedProgram:
+    """The decoder as an ExportedProgram with T (tokens this step) and L (sequence length after it) symbolic."""
+    tokens = torch.zeros(batch, 2, dtype=torch.int64)
+    length = torch.empty(4)
+    t = torch.export.Dim("tokens", min=1, max=decoder.max_seq_len)
+    s = torch.export.Dim("length", min=1, max=decoder.max_seq_len)
+    with torch.no_grad():
+        return torch.export.export(decoder, (tokens, length), dynamic_shapes=({1: t}, {0: s}), strict=False)
+
+
+def build_pt2(model: nn.Module | Decoder, path: str | os.PathLike, values: torch.dtype = torch.float16,
+              head: torch.dtype | None = None, max_seq_len: int = 1024) -> Path:
+    """Compile `model` (a transformers LLaMA-family causal LM, pruned, or a Decoder) to the `.pt2` at `path`,
+    written atomically. Needs the kernel extension (a C++ compiler) and inductor's C++ toolchain."""
+    ok, why = kernel_available()
+    if not ok:
+        raise RuntimeError(f"the compiled CPU engine needs the 2:4 kernel extension: {why}")
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"{path}: the compiled engine is a .pt2 package; name the file *.pt2")
+    decoder = model if isinstance(model, Decoder) else from_hf(model, values, head, max_seq_len)[0]
+    start = time.perf_counter()
+    program = export_decoder(decoder)
+    exported = time.perf_counter() - start
+    sparse = [m for m in decoder.modules() if isinstance(m, SparseLinear)]
+    config = getattr(model, "config", None)
+    meta = {
+        "format": FORMAT, "max_seq_len": decoder.max_seq_len, "batch": decoder.blocks[0].k_cache.shape[0],
+        "vocab_size": decoder.head.out_features, "layers": len(decoder.blocks),
+        "values": _dtype_name(sparse[0].values.dtype) if sparse else None,
+        "head": _dtype_name(decoder.head.weight.dtype), "sparse_linears": len(sparse),
+        "dense_linears": sum(isinstance(m, DenseLinear) for m in decoder.modules()) - 1 - (
+            decoder.embed.table is not decoder.head),
+        "weight_bytes": weight_bytes(decoder),
+        "eos_token_id": getattr(config, "eos_token_id", None), "torch": torch.__version__, "cpu": cpu_model(),
+        "export_s": round(exported, 1),
+    }
+    with atomic_files(path) as tmp:
+        target = tmp / path.name
+        torch._inductor.aoti_compile_and_package(program, package_path=str(target))
+        meta["compile_s"] = round(time.perf_counter() - start, 1)
+        with zipfile.ZipFile(target, "a") as z:
+            # inside the archive's own folder, next to its other extra files
+            root = next(iter(z.namelist())).split("/", 1)[0]
+            z.writestr(f"{root}/{META}", json.dumps(meta, indent=1))
+    return path
+
+
+def weight_bytes(module: nn.Module) -> int:
+    """Bytes of the module's parameters and persistent buffers, a tensor shared by two names (a tied head) once."""
+    tensors = {t.data_ptr(): t for t in module.state_dict().values() if t.numel()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def read_meta(path: str | os.PathLike) -> dict:
+    try:
+        with zipfile.ZipFile(path) as z:
+            name = next((n for n in z.namelist() if n.endswith(META)), None)
+            if name is None:
+                raise ValueError(f"{path}: a .pt2 package without {META}: not written by the compiled CPU engine "
+                                 "(build one with `mrp export --format pt2` or runtime.compiled.build_pt2)")
+            return json.loads(z.read(name))
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path}: not a .pt2 package (not a zip archive: truncated or another file?)") from None
+
+
+@dataclass
+class GenerateResult:
+    tokens: list[int]
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (len(self.tokens) - 1) / self.decode_s if self.decode_s > 0 and len(self.tokens) > 1 else 0.0
+
+
+class CompiledLM(Engine):
+    """A loaded `.pt2`: `__call__(ids)` -> last-position logits of a fresh sequence; `generate`; `prefill` and
+    `step` for a sequence kept in the package's KV cache."""
+
+    kind = "cpu-compiled"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.meta = read_meta(self.path)
+        ok, why = kernel_available()  # registers mrp:: ops, which the package calls
+        if not ok:
+            raise RuntimeError(f"{self.path}: the compiled engine calls the 2:4 kernel extension, which is "
+                               f"unavailable here: {why}")
+        if self.meta.get("torch") != torch.__version__:
+            raise RuntimeError(f"{self.path} was compiled with torch {self.meta.get('torch')}, this is torch "
+                               f"{torch.__version__}: AOTInductor packages run on the torch that built them; rebuild "
+                               "it here (mrp export --format pt2)")
+        start = time.perf_counter()
+        self.program = torch._inductor.aoti_load_package(str(self.path))
+        self.load_s = time.perf_counter() - start
+        self.vocab_size, self.max_seq_len = self.meta["vocab_size"], self.meta["max_seq_len"]
+        self.provider = f"AOTInductor ({self.meta.get('values')} 2:4 values, {self.meta.get('head')} head)"
+        self.length = 0  # positions of the current sequence in the cache
+        self.notes = [f"compiled on {self.meta.get('cpu')} in {self.meta.get('compile_s')} s; loaded in "
+                      f"{self.load_s:.2f} s"]
+
+    def _run(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.shape[0] != self.meta["batch"]:
+            raise ValueError(f"expected token ids [{self.meta['batch']}, T], got {tuple(tokens.shape)}")
+        end = self.length + tokens.shape[1]
+        if end > self.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the engine's max_seq_len {self.max_seq_len} "
+                             "(set when it was compiled: --max-seq-len)")
+        logits = self.program(tokens.to(torch.int64).contiguous(), torch.empty(end))
+        self.length = end
+        return logits
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Start a new sequence with `tokens` [B, T]; the last position's logits [B, 1, V]."""
+        self.length = 0
+        return self._run(tokens)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append `tokens` [B, T] to the current sequence; the last position's logits."""
+        return self._run(tokens)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.prefill(inputs[0])
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
+                 ) -> GenerateResult:
+        """Greedy decoding of batch 1: the new tokens (the first from the prompt's logits), with timings."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt = prompt.reshape(1, -1)
+        start = time.perf_counter()
+        token = self.prefill(prompt)[:, -1].argmax(-1, keepdim=True)
+        decode_start = time.perf_counter()
+        out = [int(token)]
+        while len(out) < max_new_tokens and out[-1] != eos_token_id:
+            token = self.step(token)[:, -1].argmax(-1, keepdim=True)
+            out.append(int(token))
+        end = time.perf_counter()
+        return GenerateResult(out, decode_start - start, end - decode_start)
+
+
+def load_pt2(path: str | os.PathLike) -> CompiledLM:
+    return CompiledLM(path)
+
+
+def cached_pt2(checkpoint: str | os.PathLike, values: torch.dtype = torch.float16, max_seq_len: int | None = None
+               ) -> tuple[Path, bool]:
+    """The `.pt2` of a checkpoint directory in the kernel's cache folder, compiled on the first call only:
+    (path, whether this call compiled it). Keyed on the checkpoint's file contents, the value precision, the
+    sequence limit (default: 1024, or the model's max_position_embeddings if fewer), torch, the kernel's source
+    and the CPU, so any change compiles anew."""
+    from export.compressed import is_compressed_checkpoint, load_compressed
+
+    from .cpu_sparse import SOURCE, cache_dir
+
+    checkpoint = Path(checkpoint)
+    key = hashlib.sha256()
+    for f in sorted(p for p in checkpoint.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+        key.update(f.name.encode())
+        with f.open("rb") as fh:
+            while chunk := fh.read(1 << 24):
+                key.update(chunk)
+    key.update(f"{values}|{max_seq_len}|{torch.__version__}|{cpu_model()}|{FORMAT}".encode())
+    key.update(SOURCE.read_bytes())
+    path = cache_dir().parent / "pt2" / f"{checkpoint.name}-{key.hexdigest()[:16]}.pt2"
+    if path.exists():
+        return path, False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if is_compressed_checkpoint(checkpoint):
+        model = load_compressed(checkpoint).float().eval()
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    if max_seq_len is None:
+        max_seq_len = min(DEFAULT_MAX_SEQ_LEN, getattr(model.config, "max_position_embeddings", None) or 1 << 30)
+    build_pt2(model, path, values=values, max_seq_len=max_seq_len)
+    return path, True
