@@ -89,6 +89,9 @@ def build_pt2(model: nn.Module | Decoder, path: str | os.PathLike, values: torch
         "dense_linears": sum(isinstance(m, DenseLinear) for m in decoder.modules()) - 1 - (
             decoder.embed.table is not decoder.head),
         "weight_bytes": weight_bytes(decoder),
+        # read per decode step: every weight but an untied embedding table (one row of it is read)
+        "streamed_bytes": weight_bytes(decoder) - (0 if decoder.embed.table is decoder.head
+                                                   else weight_bytes(decoder.embed.table)),
         "eos_token_id": getattr(config, "eos_token_id", None), "torch": torch.__version__, "cpu": cpu_model(),
         "export_s": round(exported, 1),
     }

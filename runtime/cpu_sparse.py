@@ -307,12 +307,14 @@ def _warn_fallback(reason: str) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-def sparse24_linear(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + b with the kernel when available, else dense F.linear on the unpacked weight (warns once)."""
+def sparse24_linear(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None = None,
+                    dense_weight: torch.Tensor | None = None, dense_from_rows: int = 0) -> torch.Tensor:
+    """y = x W^T + b with the kernel when available (from `dense_from_rows` token rows on with `dense_weight`, the
+    same weight dense in float32, when given), else dense F.linear on the unpacked weight (warns once)."""
     ok, reason = kernel_available()
     if ok:
         return torch.ops.mrp.sparse24_linear(x, packed.values, packed.positions, bias, packed.out_features,
-                                             packed.in_features, packed.scales)
+                                             packed.in_features, packed.scales, dense_weight, dense_from_rows)
     _warn_fallback(reason)
     w = unpack(packed).to(x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
@@ -325,9 +327,15 @@ def sparse24_linear(x: torch.Tensor, packed: Packed24, bias: torch.Tensor | None
 class SparseLinear(nn.Module):
     """nn.Linear with a 2:4 weight held compressed (buffers `values`, `positions`, optional `bias`)."""
 
-    def __init__(self, packed: Packed24, bias: torch.Tensor | None = None) -> None:
+    def __init__(self, packed: Packed24, bias: torch.Tensor | None = None, dense_weight: torch.Tensor | None = None,
+                 dense_from_rows: int = 0) -> None:
+        """`dense_weight` (float32 [out, in]) with `dense_from_rows`: run that dense copy from that many token rows
+        on (a layer where dense GEMM measured faster at many rows: runtime/dispatch.py)."""
         super().__init__()
         self.out_features, self.in_features = packed.out_features, packed.in_features
+        self.dense_from_rows = int(dense_from_rows) if dense_weight is not None else 0
+        self.register_buffer("dense_weight", None if dense_weight is None else dense_weight.detach().float()
+                             .contiguous())
         self.register_buffer("values", packed.values)
         self.register_buffer("positions", packed.positions)
         self.register_buffer("bias", None if bias is None else bias.detach().to("cpu").clone())
@@ -348,10 +356,14 @@ class SparseLinear(nn.Module):
         return cls(pack_bitmask(values, bitmask, shape, value_dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse24_linear(x, self.packed, self.bias)
+        return sparse24_linear(x, self.packed, self.bias, self.dense_weight, self.dense_from_rows)
 
     def weight_nbytes(self) -> int:
+        """Bytes of the compressed weight (a dense copy for many token rows not included: `dense_copy_nbytes`)."""
         return self.packed.nbytes
+
+    def dense_copy_nbytes(self) -> int:
+        return 0 if self.dense_weight is None else self.dense_weight.numel() * 4
 
     def extra_repr(self) -> str:
         dense = self.out_features * self.in_features * 4

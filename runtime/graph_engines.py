@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+
+from .dispatch import TOKEN_COUNTS, Timer
 
 ENGINES = ("auto", "tensorrt", "torch-sparse", "cpu-sparse", "onnxruntime", "inductor", "eager")
 # The forms a plain `x @ W^T + b` takes in a dynamo graph (torch level) and in an exported one (aten level).
@@ -265,46 +266,31 @@ def torch_sparse_engine(frozen: fx.GraphModule, record: GraphRecord) -> EagerEng
     return EagerEngine(frozen)
 
 
-Timer = Callable[[nn.Module, torch.Tensor], float]
-
-
-def _median_seconds(layer: nn.Module, x: torch.Tensor, repeats: int = 5) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first call warms caches (and builds nothing: the kernel is loaded)
-        t0 = time.perf_counter()
-        layer(x)
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[repeats // 2]
-
-
-def cpu_sparse_choice(weight: torch.Tensor, bias: torch.Tensor | None, token_counts: tuple[int, ...] = (1, 64),
+def cpu_sparse_choice(weight: torch.Tensor, bias: torch.Tensor | None, token_counts: tuple[int, ...] = TOKEN_COUNTS,
                       timer: Timer | None = None) -> tuple[nn.Module | None, str]:
-    """(a SparseLinear, why) when the CPU 2:4 kernel is faster than dense F.linear on this layer at every token
-    count in `token_counts` (timed here, medians of 5), else (None, why it stays dense). `timer(layer, x)` ->
-    seconds replaces the clock in tests."""
+    """(a SparseLinear, why) when the CPU 2:4 kernel is faster than dense F.linear on this layer at the fewest
+    token rows, with a dense copy for the counts from which dense measured faster by a margin (runtime/dispatch.py);
+    else (None, why it stays dense). `timer(layer, x)` -> seconds replaces the clock in tests."""
     from export.pattern import is_nm_sparse
 
     from .cpu_sparse import SparseLinear, pack
+    from .dispatch import measure, plan
 
     if weight.dim() != 2 or weight.shape[1] % 4 or not is_nm_sparse(weight, 2, 4):
         return None, "not 2:4"
     if weight.device.type != "cpu":
         return None, f"on {weight.device.type}, not the CPU"
-    timer = timer or _median_seconds
     weight32 = weight.float()
     bias32 = None if bias is None else bias.float()
-    sparse = SparseLinear(pack(weight32), bias32)
+    packed = pack(weight32)
     dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
     dense.weight, dense.bias = nn.Parameter(weight32, False), None if bias32 is None else nn.Parameter(bias32, False)
-    gains = {}
-    with torch.no_grad():
-        for n in token_counts:
-            x = torch.randn(n, weight.shape[1])
-            gains[n] = timer(dense, x) / max(timer(sparse, x), 1e-12)
-    measured = ", ".join(f"{n} rows {g:.2f}x" for n, g in gains.items())
-    if all(g > 1.0 for g in gains.values()):
-        return sparse, f"sparse (dense/sparse time: {measured})"
-    return None, f"dense faster ({measured})"
+    chosen = plan(measure(dense, SparseLinear(packed, bias32), token_counts, timer))
+    if chosen.mode == "dense":
+        return None, chosen.describe()
+    if chosen.mode == "mixed":
+        return SparseLinear(packed, bias32, weight32, chosen.dense_from), chosen.describe()
+    return SparseLinear(packed, bias32), chosen.describe()
 
 
 def cpu_sparse_engine(frozen: fx.GraphModule, record: GraphRecord, timer: Timer | None = None) -> EagerEngine:
@@ -324,7 +310,10 @@ def cpu_sparse_engine(frozen: fx.GraphModule, record: GraphRecord, timer: Timer 
 
     done = swap_linears(frozen, make)
     record.notes.extend(f"{name}: {why}" for name, why in reasons.items())
-    record.notes.append(f"cpu-sparse: {len(done)}/{len(reasons)} linear weights on the 2:4 kernel")
+    mixed = sum(why.startswith("mixed") for why in reasons.values())
+    record.notes.append(f"cpu-sparse: {len(done)}/{len(reasons)} linear weights on the 2:4 kernel ({mixed} of them "
+                        "with a dense copy for many token rows); timed per token count on this machine, interleaved, "
+                        "cached per machine (runtime/dispatch.py)")
     return EagerEngine(frozen)
 
 

@@ -166,7 +166,7 @@ def test_tiny_llama_auto(tmp_path):
         assert is_nm_sparse(w) == (name != "lm_head"), name
         assert torch.equal(w, linears(reference)[name]), name
     notes = [n for g in report.graphs for n in g.notes]
-    assert any(n.startswith("cpu-sparse: ") and n.endswith("/15 linear weights on the 2:4 kernel") for n in notes)
+    assert any(n.startswith("cpu-sparse: ") and "/15 linear weights on the 2:4 kernel" in n for n in notes)
     assert not report.files
 
 
