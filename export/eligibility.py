@@ -58,6 +58,10 @@ TORCH_SHAPE_RULES: dict[str, dict[torch.dtype, tuple[int, int]]] = {
 # the authoritative "Layers eligible for sparse math" list for a built engine.
 TENSORRT_DTYPES = {torch.float16: 16, torch.int8: 32}
 
+# Said where no GPU engine can use 2:4: what runs it sparse on a CPU (runtime/cpu_sparse.py, runtime/compiled.py).
+CPU_SPARSE_HINT = ("on a CPU the 2:4 layers run sparse on the CPU 2:4 engine: runtime.load(dir, engine=\"cpu-sparse\") "
+                   "(eager, a compressed checkpoint) or `mrp export --format pt2` (compiled); on a GPU they need "
+                   "cuSPARSELt (torch-sparse) or TensorRT")
 
 # torch.sparse's tensor class of each semi-structured backend.
 TORCH_SPARSE_CLASSES = {"cusparselt": "SparseSemiStructuredTensorCUSPARSELT",
@@ -197,8 +201,12 @@ class EligibilityReport:
                      "sparse kernels: "
                      f"torch-sparse {c['torch_sparse']}, TensorRT {c['tensorrt']} (rules checked for dtype "
                      f"{self.dtype or 'as stored'})")
-        lines.append(f"device: {self.device}" + (f" -> everything runs dense here: {self.device_reason}"
-                                                  if self.device_reason else " (sparse tensor cores present)"))
+        if self.device_reason:
+            # The columns above are the GPU engines; the CPU 2:4 engine (runtime/cpu_sparse.py) has no such rules.
+            lines.append(f"device: {self.device} -> the GPU engines above run dense here: {self.device_reason}")
+            lines.append(CPU_SPARSE_HINT)
+        else:
+            lines.append(f"device: {self.device} (sparse tensor cores present)")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

@@ -18,6 +18,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+SEED_LIMIT = 2**63  # seeds reach torch.Generator.manual_seed; keep them in int64 and non-negative
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a random seed, an integer with 0 <= seed < 2**63 (larger ones overflow inside torch)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer 0 <= seed < 2**63, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be 0 <= seed < 2**63 ({SEED_LIMIT}), got {value}")
+    return value
+
+
 def batch_sizes(text: str) -> list[int]:
     """argparse type: comma-separated positive integers such as '1,4,16'."""
     parts = str(text).split(",")
@@ -32,7 +46,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="mrp", help="magnitude | wanda | sparsegpt | mrp-s | mrp-m | mrp")
     p.add_argument("--calib-samples", type=positive_int, default=128)
     p.add_argument("--calib-seqlen", type=positive_int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="calibration sampling seed, 0 <= seed < 2**63")
     p.add_argument("--blocksize", type=positive_int, default=None,
                    help="columns solved per block (default: 128, or the largest multiple of M <= 128 for N:M)")
     p.add_argument("--percdamp", type=float, default=0.01)
@@ -53,7 +67,7 @@ def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (HF save_pretrained layout + report.json)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--nproc", type=int, default=1,
+    p.add_argument("--nproc", type=positive_int, default=1,
                    help="processes on this machine's CPU (torch.distributed, gloo): each calibrates on its share of "
                         "the samples and solves its share of each weight's rows; for GPUs use torchrun instead")
 

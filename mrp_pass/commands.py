@@ -85,7 +85,8 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
     from .fx_pass import prune
     from .models import load_model, load_tokenizer
 
-    nproc = getattr(args, "nproc", 1) or 1
+    nproc = getattr(args, "nproc", None)
+    nproc = 1 if nproc is None else nproc  # 0 is an error, not "one process" (argparse refuses it too)
     if nproc < 1:
         raise ValueError(f"--nproc must be a positive integer, got {nproc}")
     if nproc > 1 and not spawned and (int(os.environ.get("WORLD_SIZE", "1")) > 1 or distributed.dist.is_initialized()):
@@ -135,14 +136,26 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
     return 0
 
 
+def check_eval_seqlen(config, seqlen: int, full: bool = False) -> None:
+    """ValueError naming both numbers when windows of `seqlen` tokens are longer than the model's positions
+    (`config.max_position_embeddings`; a config without it is not checked)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or seqlen <= limit:
+        return
+    flag = f"--full evaluates windows of {seqlen} tokens," if full else f"--seqlen {seqlen} is"
+    raise ValueError(f"{flag} longer than the model's {limit} positions (config.max_position_embeddings {limit}): "
+                     f"give --seqlen {limit} or less" + (" without --full" if full else ""))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from .data import evaluation_windows, perplexity
     from .models import load_model, load_tokenizer
 
     device = default_device(args.device)
     model = load_model(args.model, device=device)
-    tokenizer = load_tokenizer(args.model)
     seqlen, nwindows = (2048, None) if args.full else (args.seqlen, args.windows)
+    check_eval_seqlen(model.config, seqlen, full=args.full)  # before minutes of evaluating past the model's reach
+    tokenizer = load_tokenizer(args.model)
     windows = evaluation_windows(tokenizer, seqlen, nwindows)
     if not windows:
         raise ValueError(f"the test split is shorter than one window of {seqlen} tokens")

