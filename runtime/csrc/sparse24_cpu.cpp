@@ -44,6 +44,7 @@ constexpr int kMaxTokens = 4;
 // scratch's page faults cost more than the GEMM saves), so the threshold is off. On CPUs whose FMA units are wider than AVX2's (Intel AVX-512 servers) MKL's
 // GEMM may win at many rows: re-measure there and enable it with torch.ops.mrp.sparse24_set_dense_threshold.
 int64_t kDenseFromRows = int64_t{1} << 62;
+constexpr int64_t kPrefetchBytes = 1024;  // how far ahead of the loads the kernels prefetch weights
 constexpr int64_t kGroupChunk = 256;        // input groups per chunk when blocking for many token rows
 constexpr int64_t kTileBytes = 256 << 10;   // x tile (token rows x input chunk, fp32) kept in L2
 
@@ -112,6 +113,48 @@ inline void block_kernel(const V* __restrict vals, const int32_t* __restrict pos
   }
 }
 
+// One token row (decode): two groups per iteration into four accumulators, so that four FMA chains (not two) hide
+// the FMA latency and the loads of the next groups issue sooner (more of them in flight from one core).
+template <typename V>
+inline void block_kernel_1(const V* __restrict vals, const int32_t* __restrict pos, int64_t groups,
+                           const float* __restrict x, float* __restrict y, const float* __restrict bias,
+                           const float* __restrict scale, int nrows, bool accumulate) {
+  const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    const V* v = vals + g * 16;
+    const __m256i i0 = _mm256_srlv_epi32(_mm256_set1_epi32(pos[g]), shifts);
+    const __m256i i1 = _mm256_srlv_epi32(_mm256_set1_epi32(pos[g + 1]), shifts);
+    const __m256 x0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 4 * g));
+    const __m256 x1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 4 * g + 4));
+    a0 = _mm256_fmadd_ps(load8(v), _mm256_permutevar_ps(x0, i0), a0);
+    a1 = _mm256_fmadd_ps(load8(v + 8), _mm256_permutevar_ps(x0, _mm256_srli_epi32(i0, 2)), a1);
+    a2 = _mm256_fmadd_ps(load8(v + 16), _mm256_permutevar_ps(x1, i1), a2);
+    a3 = _mm256_fmadd_ps(load8(v + 24), _mm256_permutevar_ps(x1, _mm256_srli_epi32(i1, 2)), a3);
+  }
+  if (g < groups) {
+    const V* v = vals + g * 16;
+    const __m256i i0 = _mm256_srlv_epi32(_mm256_set1_epi32(pos[g]), shifts);
+    const __m256 x0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(x + 4 * g));
+    a0 = _mm256_fmadd_ps(load8(v), _mm256_permutevar_ps(x0, i0), a0);
+    a1 = _mm256_fmadd_ps(load8(v + 8), _mm256_permutevar_ps(x0, _mm256_srli_epi32(i0, 2)), a1);
+  }
+  const __m256i mask = row_mask(nrows);
+  __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+  if (scale != nullptr) s = _mm256_mul_ps(s, _mm256_maskload_ps(scale, mask));
+  if (accumulate) {
+    s = _mm256_add_ps(s, _mm256_maskload_ps(y, mask));
+  } else if (bias != nullptr) {
+    s = _mm256_add_ps(s, _mm256_maskload_ps(bias, mask));
+  }
+  if (nrows == kRows) {
+    _mm256_storeu_ps(y, s);
+  } else {
+    _mm256_maskstore_ps(y, mask, s);
+  }
+}
+
 template <typename V>
 void run_tokens(const V* vals, const int32_t* pos, int64_t groups, const float* x, int64_t ldx, float* y,
                 int64_t ldy, const float* bias, const float* scale, int nrows, int64_t tokens, bool acc) {
@@ -121,7 +164,7 @@ void run_tokens(const V* vals, const int32_t* pos, int64_t groups, const float* 
   const int64_t rest = tokens - t;
   x += t * ldx;
   y += t * ldy;
-  if (rest == 1) block_kernel<V, 1>(vals, pos, groups, x, ldx, y, ldy, bias, scale, nrows, acc);
+  if (rest == 1) block_kernel_1<V>(vals, pos, groups, x, y, bias, scale, nrows, acc);
   if (rest == 2) block_kernel<V, 2>(vals, pos, groups, x, ldx, y, ldy, bias, scale, nrows, acc);
   if (rest == 3) block_kernel<V, 3>(vals, pos, groups, x, ldx, y, ldy, bias, scale, nrows, acc);
   static_assert(kMaxTokens == 4, "the remainder cases above cover 1..3 token rows");
@@ -316,6 +359,8 @@ void gemv_rows(const V* w, int64_t in, const float* x, int64_t ldx, float* y, in
     const V* w0 = w + r * in;
     const V* w1 = w + (r + nr - 1) * in;
     for (int64_t k = 0; k < in8; k += 8) {
+      _mm_prefetch(reinterpret_cast<const char*>(w0 + k) + kPrefetchBytes, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(w1 + k) + kPrefetchBytes, _MM_HINT_T0);
       const __m256 a = load8(w0 + k), c = load8(w1 + k);
 #pragma GCC unroll 4
       for (int t = 0; t < NT; ++t) {
