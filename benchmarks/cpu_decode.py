@@ -55,7 +55,7 @@ VALUES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def machine() -> dict:
-    from runtime.compiled import cpu_model
+    from runtime.dispatch import cpu_model
 
     return {"cpu": cpu_model(), "machine": platform.machine(), "torch": torch.__version__}
 

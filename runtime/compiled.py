@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
 import time
 import zipfile
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from export.atomic import atomic_files
 
 from .cpu_sparse import DenseLinear, SparseLinear, kernel_available
 from .decoder import Decoder, from_hf
+from .dispatch import cpu_model
 from .engines import Engine
 
 META = "extra/mrp_engine.json"
@@ -43,27 +43,6 @@ DEFAULT_MAX_SEQ_LEN = 1024
 # loading, 545 MiB this way; force_mmap_weights measured the same as the default).
 INDUCTOR = {"aot_inductor.package_constants_in_so": False,
             "aot_inductor.package_constants_on_disk_format": "binary_blob"}
-
-
-def cpu_model() -> str:
-    """The CPU's model name, family / model numbers and vector extensions (what the compiled code and its speed
-    depend on), e.g. "AMD EPYC (family 25 model 1; avx2 fma f16c)"."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("model name", "cpu family", "model", "flags") and key not in fields:
-                fields[key] = value.strip()
-            if not line.strip() and fields:  # the first processor's block is enough
-                break
-    except OSError:
-        pass
-    flags = set(fields.get("flags", "").split())
-    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    family = f"family {fields['cpu family']} model {fields['model']}; " if "cpu family" in fields else ""
-    return f"{name} ({family}{' '.join(simd) or 'no AVX2'})"
 
 
 def export_decoder(decoder: Decoder, batch: int = 1) -> torch.export.ExportedProgram:
@@ -77,16 +56,20 @@ def export_decoder(decoder: Decoder, batch: int = 1) -> torch.export.ExportedPro
 
 
 def build_pt2(model: nn.Module | Decoder, path: str | os.PathLike, values: torch.dtype = torch.float16,
-              head: torch.dtype | None = None, max_seq_len: int = 1024) -> Path:
+              head: torch.dtype | None = None, max_seq_len: int = 1024, dispatch: bool = True) -> Path:
     """Compile `model` (a transformers LLaMA-family causal LM, pruned, or a Decoder) to the `.pt2` at `path`,
-    written atomically. Needs the kernel extension (a C++ compiler) and inductor's C++ toolchain."""
+    written atomically. Needs the kernel extension (a C++ compiler) and inductor's C++ toolchain. Each 2:4 layer
+    of a transformers model is timed against dense per token count on this machine first (cached per machine):
+    a dense copy rides along where dense was faster for many token rows (`meta["dense_copies"]`), and a layer
+    the kernel lost at one token row runs dense (`dispatch=False`: every 2:4 layer on the kernel)."""
     ok, why = kernel_available()
     if not ok:
         raise RuntimeError(f"the compiled CPU engine needs the 2:4 kernel extension: {why}")
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"{path}: the compiled engine is a .pt2 package; name the file *.pt2")
-    decoder = model if isinstance(model, Decoder) else from_hf(model, values, head, max_seq_len)[0]
+    built = not isinstance(model, Decoder)
+    decoder = from_hf(model, values, head, max_seq_len, dispatch=dispatch)[0] if built else model
     start = time.perf_counter()
     program = export_decoder(decoder)
     exported = time.perf_counter() - start
@@ -95,7 +78,9 @@ def build_pt2(model: nn.Module | Decoder, path: str | os.PathLike, values: torch
     meta = {
         "format": FORMAT, "max_seq_len": decoder.max_seq_len, "batch": decoder.blocks[0].k_cache.shape[0],
         "vocab_size": decoder.head.out_features, "layers": len(decoder.blocks),
-        "values": _dtype_name(sparse[0].values.dtype) if sparse else None,
+        "values": _dtype_name(values) if built else _dtype_name(sparse[0].values.dtype) if sparse else None,
+        "dense_copies": sum(m.dense_weight is not None for m in sparse),  # for many token rows (runtime/dispatch.py)
+        "dense_copy_bytes": sum(m.dense_copy_nbytes() for m in sparse),
         "head": _dtype_name(decoder.head.weight.dtype), "sparse_linears": len(sparse),
         "dense_linears": sum(isinstance(m, DenseLinear) for m in decoder.modules()) - 1 - (
             decoder.embed.table is not decoder.head),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_sparse import DenseLinear, SparseLinear, pack, unpack
+from .dispatch import Timer, measure, plan
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -137,7 +138,8 @@ class BuildReport:
 
     @property
     def sparse(self) -> int:
-        return sum(kind == "2:4" for _, kind in self.layers)
+        """Fused layers on the 2:4 kernel (with or without a dense copy for many token rows)."""
+        return sum(kind.startswith("2:4") for _, kind in self.layers)
 
 
 def _weight(module: nn.Module, name: str) -> torch.Tensor:
@@ -157,20 +159,34 @@ def _is_24(w: torch.Tensor) -> bool:
     return w.shape[1] % 4 == 0 and int((w.reshape(w.shape[0], -1, 4) != 0).sum(-1).max()) <= 2
 
 
-def _fused(modules: list[nn.Module], names: list[str], values: torch.dtype, report: BuildReport) -> nn.Module:
+def _fused(modules: list[nn.Module], names: list[str], values: torch.dtype, report: BuildReport,
+           dispatch: bool | Timer = False) -> nn.Module:
     """One linear for projections that share their input (their weights stacked by output rows): 2:4 on the kernel
-    when every row is 2:4, else dense at the value precision."""
+    when every row is 2:4, else dense at the value precision. With `dispatch` (True, or a fake timer for tests),
+    a 2:4 layer is timed against dense F.linear per token count on this machine (runtime/dispatch.py): it keeps a
+    dense float32 copy for the token counts where dense won by the margin, or runs dense if the kernel lost at one
+    token row."""
     w = torch.cat([_weight(m, n) for m, n in zip(modules, names)])
     biases = [_bias(m) for m in modules]
     bias = None
     if any(b is not None for b in biases):
         bias = torch.cat([b if b is not None else torch.zeros(m.out_features) for b, m in zip(biases, modules)])
     label = "|".join(names)
-    if _is_24(w):
+    if not _is_24(w):
+        report.layers.append((label, "dense: not 2:4"))
+        return DenseLinear(w, values, bias)
+    packed = pack(w, values)
+    if not dispatch:
         report.layers.append((label, "2:4"))
-        return SparseLinear(pack(w, values), bias)
-    report.layers.append((label, "dense: not 2:4"))
-    return DenseLinear(w, values, bias)
+        return SparseLinear(packed, bias)
+    dense = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
+    dense.weight.data, dense.bias = w, None if bias is None else nn.Parameter(bias, requires_grad=False)
+    chosen = plan(measure(dense, SparseLinear(packed, bias), timer=None if dispatch is True else dispatch))
+    if chosen.mode == "dense":
+        report.layers.append((label, f"dense: {chosen.describe()}"))
+        return dense.requires_grad_(False)
+    report.layers.append((label, "2:4" if chosen.mode == "sparse" else f"2:4, {chosen.describe()}"))
+    return SparseLinear(packed, bias, w if chosen.mode == "mixed" else None, chosen.dense_from or 0)
 
 
 def check_supported(model: nn.Module, max_seq_len: int) -> None:
@@ -195,11 +211,13 @@ def check_supported(model: nn.Module, max_seq_len: int) -> None:
 
 @torch.no_grad()
 def from_hf(model: nn.Module, values: torch.dtype = torch.float16, head: torch.dtype | None = None,
-            max_seq_len: int = 1024, batch: int = 1, all_logits: bool = False) -> tuple[Decoder, BuildReport]:
+            max_seq_len: int = 1024, batch: int = 1, all_logits: bool = False, dispatch: bool | Timer = False
+            ) -> tuple[Decoder, BuildReport]:
     """A Decoder with `model`'s weights: its 2:4 linears packed for the kernel with `values` precision (float32,
     float16, bfloat16, int8), every other linear dense at that precision, the LM head and the embedding table at
     `head` precision (default: `values`'; one table when they are tied). `model` is a transformers causal LM of
-    the LLaMA family; its linears nn.Linear or SparseLinear."""
+    the LLaMA family; its linears nn.Linear or SparseLinear. `dispatch`: choose per layer and token count between
+    the kernel and dense on this machine (see `_fused`); off, every 2:4 layer runs the kernel at every size."""
     check_supported(model, max_seq_len)
     head = head or values
     config, base = model.config, model.model
@@ -211,10 +229,11 @@ def from_hf(model: nn.Module, values: torch.dtype = torch.float16, head: torch.d
         a, f = layer.self_attn, layer.mlp
         p = f"layers.{i}."
         blocks.append(Block(
-            _fused([a.q_proj, a.k_proj, a.v_proj], [p + "q_proj", p + "k_proj", p + "v_proj"], values, report),
-            _fused([a.o_proj], [p + "o_proj"], values, report),
-            _fused([f.gate_proj, f.up_proj], [p + "gate_proj", p + "up_proj"], values, report),
-            _fused([f.down_proj], [p + "down_proj"], values, report),
+            _fused([a.q_proj, a.k_proj, a.v_proj], [p + "q_proj", p + "k_proj", p + "v_proj"], values, report,
+                   dispatch),
+            _fused([a.o_proj], [p + "o_proj"], values, report, dispatch),
+            _fused([f.gate_proj, f.up_proj], [p + "gate_proj", p + "up_proj"], values, report, dispatch),
+            _fused([f.down_proj], [p + "down_proj"], values, report, dispatch),
             layer.input_layernorm.weight, layer.post_attention_layernorm.weight, heads, kv_heads, head_dim,
             config.rms_norm_eps, getattr(a, "scaling", head_dim**-0.5), batch, max_seq_len))
     embed_weight = base.embed_tokens.weight

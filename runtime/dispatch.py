@@ -20,9 +20,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -76,8 +78,28 @@ def _cache_path():
     return cache_dir().parent / "dispatch.json"
 
 
+def cpu_model() -> str:
+    """The CPU's model name, family / model numbers and vector extensions (what the compiled code and its speed
+    depend on), e.g. "AMD EPYC (family 25 model 1; avx2 fma f16c)"."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "flags") and key not in fields:
+                fields[key] = value.strip()
+            if not line.strip() and fields:  # the first processor's block is enough
+                break
+    except OSError:
+        pass
+    flags = set(fields.get("flags", "").split())
+    simd = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile") if f in flags]
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    family = f"family {fields['cpu family']} model {fields['model']}; " if "cpu family" in fields else ""
+    return f"{name} ({family}{' '.join(simd) or 'no AVX2'})"
+
+
 def _machine_key() -> str:
-    from .compiled import cpu_model
     from .cpu_sparse import SOURCE
 
     kernel = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]

@@ -136,7 +136,7 @@ def built(tmp_path_factory):
     model = _tiny()
     path = tmp_path_factory.mktemp("pt2") / "tiny.pt2"
     start = time.perf_counter()
-    build_pt2(model, path, values=torch.float32, max_seq_len=48)
+    build_pt2(model, path, values=torch.float32, max_seq_len=48, dispatch=False)  # every 2:4 layer on the kernel
     return path, model, time.perf_counter() - start
 
 
@@ -209,3 +209,30 @@ def test_export_pt2_cli_and_cached_engine(tiny_dir, tmp_path, monkeypatch):
     assert first.generate(prompt, 8).tokens == second.generate(prompt, 8).tokens
     assert first.meta["max_seq_len"] == 64  # the cache's default is capped at the model's positions
     assert first.meta["values"] == "int8" and want
+
+
+def test_decoder_dispatch_per_token_count():
+    """With dispatch, each fused 2:4 layer follows its measured plan (a fake clock here): a dense copy from the token
+    count where dense won, dense where the kernel lost at one row; the logits stay transformers'."""
+    from runtime.cpu_sparse import SparseLinear
+    from runtime.decoder import from_hf
+
+    model = _tiny()
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(4))
+
+    def dense_wins_from(rows):
+        return lambda layer, x: 1.0 if isinstance(layer, SparseLinear) else (2.0 if x.shape[0] < rows else 0.5)
+
+    with torch.no_grad():
+        ref = model(ids).logits
+        decoder, report = from_hf(model, torch.float32, max_seq_len=32, all_logits=True,
+                                  dispatch=dense_wins_from(16))
+        assert report.sparse == 8 and all("dense copy from 16" in kind for _, kind in report.layers)
+        mixed = [m for m in decoder.modules() if isinstance(m, SparseLinear)]
+        assert len(mixed) == 8 and all(m.dense_from_rows == 16 for m in mixed)
+        close(decoder(ids[:, :7], torch.empty(7)), ref[:, :7], ref.abs().max().item())  # the kernel
+        decoder.reset()
+        close(decoder(ids, torch.empty(20)), ref, ref.abs().max().item())  # 20 rows: the dense copies
+        decoder, report = from_hf(model, torch.float32, max_seq_len=32, all_logits=True, dispatch=dense_wins_from(1))
+        assert report.sparse == 0 and not any(isinstance(m, SparseLinear) for m in decoder.modules())
+        close(decoder(ids, torch.empty(20)), ref, ref.abs().max().item())
