@@ -28,7 +28,7 @@ with F16's and Q8_0's agreement with F32 (what value rounding costs a dense engi
   python benchmarks/cpu_decode.py --pruned DIR          # DIR: `mrp prune` output (default: magnitude 2:4)
   python benchmarks/cpu_decode.py --engines pt2-float16,llamacpp-F16 --ppl-windows 0
 
-llama.cpp is optional (pip install ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl, a
+llama.cpp is optional (`mrp-trt[bench]`; here first pip install ../shared/wheels/llama_cpp_python-0.3.36-*.whl, a
 prebuilt AVX2 wheel; from source ~30 minutes on 2 cores): without it those rows are skipped with that hint.
 """
 
