@@ -81,16 +81,6 @@ def texts(prompt_len: int, prefill_len: int) -> tuple[list[int], list[int]]:
     return ids[0, :prompt_len].tolist(), ids[0, :prefill_len].tolist()
 
 
-def prune_magnitude(model: torch.nn.Module) -> None:
-    """2:4 by magnitude on every linear but the head: the speed does not depend on which weights are kept."""
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                g = mod.weight.reshape(mod.out_features, -1, 4)
-                keep = torch.zeros_like(g).scatter_(-1, g.abs().topk(2, dim=-1).indices, 1.0)
-                mod.weight.mul_(keep.reshape(mod.weight.shape))
-
-
 def pruned_dir(args) -> Path:
     if args.pruned:
         return Path(args.pruned)
@@ -98,8 +88,10 @@ def pruned_dir(args) -> Path:
 
     path = Path(args.work) / "pruned-magnitude"
     if not (path / "config.json").exists():
+        from cpu_sparse import prune_24  # benchmarks/cpu_sparse.py: magnitude 2:4 on every linear but lm_head
+
         model = load_model("smollm2-135m")
-        prune_magnitude(model)
+        prune_24(model)  # the speed does not depend on which weights are kept
         model.save_pretrained(path)
     return path
 

@@ -75,6 +75,7 @@ def build_pt2(model: nn.Module | Decoder, path: str | os.PathLike, values: torch
     exported = time.perf_counter() - start
     sparse = [m for m in decoder.modules() if isinstance(m, SparseLinear)]
     config = getattr(model, "config", None)
+    total_bytes = weight_bytes(decoder)
     meta = {
         "format": FORMAT, "max_seq_len": decoder.max_seq_len, "batch": decoder.blocks[0].k_cache.shape[0],
         "vocab_size": decoder.head.out_features, "layers": len(decoder.blocks),
@@ -84,10 +85,10 @@ def build_pt2(model: nn.Module | Decoder, path: str | os.PathLike, values: torch
         "head": _dtype_name(decoder.head.weight.dtype), "sparse_linears": len(sparse),
         "dense_linears": sum(isinstance(m, DenseLinear) for m in decoder.modules()) - 1 - (
             decoder.embed.table is not decoder.head),
-        "weight_bytes": weight_bytes(decoder),
+        "weight_bytes": total_bytes,
         # read per decode step: every weight but an untied embedding table (one row of it is read)
-        "streamed_bytes": weight_bytes(decoder) - (0 if decoder.embed.table is decoder.head
-                                                   else weight_bytes(decoder.embed.table)),
+        "streamed_bytes": total_bytes - (0 if decoder.embed.table is decoder.head
+                                         else weight_bytes(decoder.embed.table)),
         "eos_token_id": getattr(config, "eos_token_id", None), "torch": torch.__version__, "cpu": cpu_model(),
         "export_s": round(exported, 1),
     }

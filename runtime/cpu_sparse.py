@@ -101,7 +101,7 @@ def _assemble(out_features: int, in_features: int, value_dtype: torch.dtype, chu
             v1, v2 = F.pad(v1, (0, 0, 0, pad)), F.pad(v2, (0, 0, 0, pad))
             codes = F.pad(codes, (0, 0, 0, pad))
         if scales is not None:
-            v1, v2, row_scales = _quantize_rows(v1.float(), v2.float())
+            (v1, v2), row_scales = int8_rows(v1.float(), v2.float())
             scales[row0 : row0 + row_scales.numel()] = row_scales
         vals, words = _layout(v1, v2, codes, value_dtype)
         b0 = row0 // ROWS
@@ -110,12 +110,12 @@ def _assemble(out_features: int, in_features: int, value_dtype: torch.dtype, chu
     return Packed24(values, positions, out_features, in_features, scales)
 
 
-def _quantize_rows(v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Symmetric int8 of each row's kept values: (round(v1 / s), round(v2 / s), s) with s = max |kept| / 127."""
-    amax = torch.maximum(v1.abs().amax(1), v2.abs().amax(1))
+def int8_rows(*parts: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Symmetric int8 per row over `parts` (float32 [rows, n_i] each, one scale per row across all of them): the
+    rounded values round(p / s) in [-127, 127] (float) and s = max |value| / 127 (1 for an all-zero row)."""
+    amax = torch.stack([p.abs().amax(1) for p in parts]).amax(0)
     scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    q = [(v / scale[:, None]).round().clamp_(-127, 127) for v in (v1, v2)]
-    return q[0], q[1], scale
+    return [(p / scale[:, None]).round().clamp_(-127, 127) for p in parts], scale
 
 
 def _chunk_rows(out_features: int, in_features: int) -> int:
@@ -431,9 +431,7 @@ class DenseLinear(nn.Module):
         self.out_features, self.in_features = w.shape
         scales = None
         if dtype == torch.int8:
-            amax = w.abs().amax(1)
-            scales = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-            w = (w / scales[:, None]).round_().clamp_(-127, 127)
+            (w,), scales = int8_rows(w)
         self.register_buffer("weight", w.to(dtype).contiguous())
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias is None else bias.detach().to("cpu", torch.float32).clone())

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_sparse import DenseLinear, SparseLinear, pack, unpack
-from .dispatch import Timer, measure, plan
+from .dispatch import Timer, choose
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 
@@ -179,14 +179,10 @@ def _fused(modules: list[nn.Module], names: list[str], values: torch.dtype, repo
     if not dispatch:
         report.layers.append((label, "2:4"))
         return SparseLinear(packed, bias)
-    dense = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None)
-    dense.weight.data, dense.bias = w, None if bias is None else nn.Parameter(bias, requires_grad=False)
-    chosen = plan(measure(dense, SparseLinear(packed, bias), timer=None if dispatch is True else dispatch))
-    if chosen.mode == "dense":
-        report.layers.append((label, f"dense: {chosen.describe()}"))
-        return dense.requires_grad_(False)
-    report.layers.append((label, "2:4" if chosen.mode == "sparse" else f"2:4, {chosen.describe()}"))
-    return SparseLinear(packed, bias, w if chosen.mode == "mixed" else None, chosen.dense_from or 0)
+    chosen, module = choose(w, bias, packed, timer=None if dispatch is True else dispatch)
+    kind = {"dense": "dense: ", "sparse": "2:4", "mixed": "2:4, "}[chosen.mode]
+    report.layers.append((label, kind + ("" if chosen.mode == "sparse" else chosen.describe())))
+    return module
 
 
 def check_supported(model: nn.Module, max_seq_len: int) -> None:

@@ -18,6 +18,7 @@ build on the same machine times nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import platform
@@ -28,6 +29,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from .cpu_sparse import SOURCE, Packed24, SparseLinear, cache_dir
 
 TOKEN_COUNTS = (1, 4, 16, 64, 256)
 MARGIN = 0.1  # dense must be this much faster before a layer keeps a dense copy (it costs memory)
@@ -73,8 +76,6 @@ def _median_interleaved(a: nn.Module, b: nn.Module, x: torch.Tensor, repeats: in
 
 
 def _cache_path():
-    from .cpu_sparse import cache_dir
-
     return cache_dir().parent / "dispatch.json"
 
 
@@ -99,11 +100,15 @@ def cpu_model() -> str:
     return f"{name} ({family}{' '.join(simd) or 'no AVX2'})"
 
 
-def _machine_key() -> str:
-    from .cpu_sparse import SOURCE
-
+@functools.cache
+def _machine() -> str:
+    """CPU, torch and kernel source: read once per process (measure() runs once per layer)."""
     kernel = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    return f"{cpu_model()}|{torch.get_num_threads()} threads|torch {torch.__version__}|kernel {kernel}"
+    return f"{cpu_model()}|torch {torch.__version__}|kernel {kernel}"
+
+
+def _machine_key() -> str:
+    return f"{_machine()}|{torch.get_num_threads()} threads"
 
 
 def _load_cache() -> dict:
@@ -147,3 +152,17 @@ def measure(dense: nn.Module, sparse: nn.Module, token_counts=TOKEN_COUNTS, time
     if changed:
         _save_cache(cache)
     return gains
+
+
+def choose(weight: torch.Tensor, bias: torch.Tensor | None, packed: Packed24, token_counts=TOKEN_COUNTS,
+           timer: Timer | None = None) -> tuple[Plan, nn.Module]:
+    """A 2:4 layer's measured plan and the module that follows it: a SparseLinear of `packed` (with `weight` as its
+    dense copy when mixed) or, where the kernel lost at one token row, the dense nn.Linear it was timed against.
+    `weight` and `bias` float32, the same weight as `packed`."""
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    dense.weight = nn.Parameter(weight, requires_grad=False)
+    dense.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    chosen = plan(measure(dense, SparseLinear(packed, bias), token_counts, timer))
+    if chosen.mode == "dense":
+        return chosen, dense
+    return chosen, SparseLinear(packed, bias, weight if chosen.mode == "mixed" else None, chosen.dense_from or 0)

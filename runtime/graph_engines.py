@@ -273,8 +273,8 @@ def cpu_sparse_choice(weight: torch.Tensor, bias: torch.Tensor | None, token_cou
     else (None, why it stays dense). `timer(layer, x)` -> seconds replaces the clock in tests."""
     from export.pattern import is_nm_sparse
 
-    from .cpu_sparse import SparseLinear, pack
-    from .dispatch import measure, plan
+    from .cpu_sparse import pack
+    from .dispatch import choose
 
     if weight.dim() != 2 or weight.shape[1] % 4 or not is_nm_sparse(weight, 2, 4):
         return None, "not 2:4"
@@ -282,15 +282,8 @@ def cpu_sparse_choice(weight: torch.Tensor, bias: torch.Tensor | None, token_cou
         return None, f"on {weight.device.type}, not the CPU"
     weight32 = weight.float()
     bias32 = None if bias is None else bias.float()
-    packed = pack(weight32)
-    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
-    dense.weight, dense.bias = nn.Parameter(weight32, False), None if bias32 is None else nn.Parameter(bias32, False)
-    chosen = plan(measure(dense, SparseLinear(packed, bias32), token_counts, timer))
-    if chosen.mode == "dense":
-        return None, chosen.describe()
-    if chosen.mode == "mixed":
-        return SparseLinear(packed, bias32, weight32, chosen.dense_from), chosen.describe()
-    return SparseLinear(packed, bias32), chosen.describe()
+    chosen, module = choose(weight32, bias32, pack(weight32), token_counts, timer)
+    return (None if chosen.mode == "dense" else module), chosen.describe()
 
 
 def cpu_sparse_engine(frozen: fx.GraphModule, record: GraphRecord, timer: Timer | None = None) -> EagerEngine:

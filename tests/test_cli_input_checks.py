@@ -14,6 +14,15 @@ def _no_work(*args, **kwargs):
     raise AssertionError("the work started before the bad input was refused")
 
 
+def _prune_argparse_error(argv: list[str], monkeypatch, capsys) -> str:
+    """stderr of `mrp prune --out o ARGV` refused by argparse (exit 2); were it accepted, no prune would start."""
+    monkeypatch.setattr("mrp_pass.commands.cmd_prune", _no_work)
+    with pytest.raises(SystemExit) as e:
+        main(["prune", "--out", "o", *argv])
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
 # ---- 4. mrp bench --out: every output path checked before any engine is loaded or run
 
 
@@ -104,11 +113,7 @@ def test_check_eval_seqlen_names_both_numbers():
 
 @pytest.mark.parametrize("value", ["0", "-3", "two"])
 def test_nproc_is_an_argparse_positive_int(value, monkeypatch, capsys):
-    monkeypatch.setattr("mrp_pass.commands.cmd_prune", _no_work)  # were it accepted: no prune of the default model
-    with pytest.raises(SystemExit) as e:
-        main(["prune", "--out", "o", "--nproc", value])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
+    err = _prune_argparse_error(["--nproc", value], monkeypatch, capsys)
     assert "argument --nproc" in err and "positive integer" in err and "Traceback" not in err, err
 
 
@@ -121,11 +126,7 @@ def test_cmd_prune_refuses_nproc_zero_instead_of_running_one_process():
 
 @pytest.mark.parametrize("value", ["99999999999999999999", str(2**63), "-1", "1.5"])
 def test_seed_out_of_range_is_an_argparse_error_naming_the_range(value, monkeypatch, capsys):
-    monkeypatch.setattr("mrp_pass.commands.cmd_prune", _no_work)
-    with pytest.raises(SystemExit) as e:
-        main(["prune", "--out", "o", "--seed", value])
-    assert e.value.code == 2
-    err = capsys.readouterr().err
+    err = _prune_argparse_error(["--seed", value], monkeypatch, capsys)
     assert "argument --seed" in err and "0 <= seed < 2**63" in err and "Overflow" not in err, err
 
 

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -263,6 +264,31 @@ at::Tensor sparse24_unpack(const at::Tensor& values, const at::Tensor& positions
   return unpack_dense(values, positions, out_features, in_features, scales);
 }
 
+// The checked inputs of a linear op: x as contiguous float32 rows [tokens, in], the bias as contiguous float32
+// (undefined when absent) and the output's sizes (x's with the last dim `out`).
+struct LinearInput {
+  at::Tensor x2, bias;
+  std::vector<int64_t> out_sizes;
+  int64_t tokens;
+};
+
+LinearInput linear_input(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias, int64_t in,
+                         int64_t out) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, op, ": x's last dim must be ", in, ", got ", x.sizes());
+  TORCH_CHECK(x.is_floating_point(), op, ": x must be floating point");
+  LinearInput r;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, op, ": bias must be [", out, "]");
+    r.bias = bias->to(at::kFloat).contiguous();
+  }
+  r.out_sizes = x.sizes().vec();
+  r.out_sizes.back() = out;
+  r.tokens = x.numel() / in;
+  r.x2 = x.reshape({r.tokens, in}).to(at::kFloat).contiguous();
+  return r;
+}
+
 // `dense_weight` (optional, float32 [out, in], the same weight dense) with `dense_from_rows`: from that many token
 // rows on the dense GEMM runs instead of the kernel, for layers where it measured faster there (the per-token-count
 // dispatch of runtime/dispatch.py); without it the kernel runs every size.
@@ -271,19 +297,10 @@ at::Tensor sparse24_linear(const at::Tensor& x, const at::Tensor& values, const 
                            const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& dense_weight,
                            int64_t dense_from_rows) {
   check_layout(values, positions, out_features, in_features, scales);
-  TORCH_CHECK(x.device().is_cpu(), "sparse24_linear: x must be a CPU tensor");
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "sparse24_linear: x's last dim must be ", in_features,
-              ", got ", x.sizes());
-  TORCH_CHECK(x.is_floating_point(), "sparse24_linear: x must be floating point");
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features, "sparse24_linear: bias must be [", out_features, "]");
-    b = bias->to(at::kFloat).contiguous();
-  }
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = out_features;
-  const int64_t tokens = x.numel() / in_features;
-  at::Tensor x2 = x.reshape({tokens, in_features}).to(at::kFloat).contiguous();
+  const LinearInput io = linear_input("sparse24_linear", x, bias, in_features, out_features);
+  const at::Tensor &x2 = io.x2, &b = io.bias;
+  const std::vector<int64_t>& out_sizes = io.out_sizes;
+  const int64_t tokens = io.tokens;
   const bool has_dense = dense_weight.has_value() && dense_weight->defined();
   if (has_dense) {
     TORCH_CHECK(dense_weight->scalar_type() == at::kFloat && dense_weight->dim() == 2 &&
@@ -383,10 +400,9 @@ void gemv_rows(const V* w, int64_t in, const float* x, int64_t ldx, float* y, in
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& scales,
                         const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "dense_linear: CPU tensors only");
+  TORCH_CHECK(weight.device().is_cpu(), "dense_linear: CPU tensors only");
   TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "dense_linear: weight must be a contiguous [out, in] matrix");
   const int64_t out = weight.size(0), in = weight.size(1);
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in, "dense_linear: x's last dim must be ", in, ", got ", x.sizes());
   const auto wt = weight.scalar_type();
   TORCH_CHECK(wt == at::kFloat || wt == at::kHalf || wt == at::kBFloat16 || wt == at::kChar,
               "dense_linear: weight must be float32, float16, bfloat16 or int8, got ", wt);
@@ -395,15 +411,10 @@ at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std
   if (scaled)
     TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->dim() == 1 && scales->size(0) == out &&
                     scales->is_contiguous(), "dense_linear: scales must be contiguous float32 [", out, "]");
-  at::Tensor b;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out, "dense_linear: bias must be [", out, "]");
-    b = bias->to(at::kFloat).contiguous();
-  }
-  auto out_sizes = x.sizes().vec();
-  out_sizes.back() = out;
-  const int64_t tokens = x.numel() / in;
-  at::Tensor x2 = x.reshape({tokens, in}).to(at::kFloat).contiguous();
+  const LinearInput io = linear_input("dense_linear", x, bias, in, out);
+  const at::Tensor &x2 = io.x2, &b = io.bias;
+  const std::vector<int64_t>& out_sizes = io.out_sizes;
+  const int64_t tokens = io.tokens;
   at::Tensor y = at::empty({tokens, out}, x2.options());
   if (tokens == 0) return y.to(x.scalar_type()).reshape(out_sizes);
   if (tokens > kMaxTokens) {
