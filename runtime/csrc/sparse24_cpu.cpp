@@ -45,7 +45,7 @@ constexpr int kMaxTokens = 4;
 // scratch's page faults cost more than the GEMM saves), so the threshold is off. On CPUs whose FMA units are wider than AVX2's (Intel AVX-512 servers) MKL's
 // GEMM may win at many rows: re-measure there and enable it with torch.ops.mrp.sparse24_set_dense_threshold.
 int64_t kDenseFromRows = int64_t{1} << 62;
-constexpr int64_t kPrefetchBytes = 1024;  // how far ahead of the loads the kernels prefetch weights
+constexpr int64_t kPrefetchBytes = 1024;  // how far ahead the dense GEMV prefetches weight rows (the 2:4 kernel: none, it measured slower)
 constexpr int64_t kGroupChunk = 256;        // input groups per chunk when blocking for many token rows
 constexpr int64_t kTileBytes = 256 << 10;   // x tile (token rows x input chunk, fp32) kept in L2
 
