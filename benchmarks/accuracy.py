@@ -1,6 +1,6 @@
 """Perplexity of SmolLM2-135M pruned by every method, for every sparsity pattern, over several calibration seeds.
 
-Protocol (issue 4): calibration = 128 windows of 512 tokens of the WikiText-2 validation text, at random
+Protocol: calibration = 128 windows of 512 tokens of the WikiText-2 validation text, at random
 positions drawn from the calibration seed (--seeds, 0, 1 and 2 by default; the same windows for every method at
 one seed); evaluation = the first 64 non-overlapping 512-token windows of the WikiText-2 test split, the same for
 every run (--full: the whole test split in 2048-token windows, as `mrp eval --full`). Patterns: 2:4, 4:8 and 50%
@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Any
 
 # label -> solver options. "mrp-pruned" is mrp fitting each layer to its own output on the pruned inputs (the
-# default until session 5: mrp now fits the residual writers to the dense model's stream), "mrp-df1" the dense model
+# solver alone: the default fits the residual writers to the dense model's stream), "mrp-df1" the dense model
 # run on every sample instead of the default share, "mrp-df1-fixed" that with the correction's ridge fixed at
-# percdamp (session 5's default, before held-out damping), "mrp-dense" fitting each layer to its
+# percdamp instead of chosen on held-out samples, "mrp-dense" fitting each layer to its
 # output in the dense model (see PruneConfig.targets), "sparsegpt-residual"
 # SparseGPT's solver on those targets, "mrp-sweep" is mrp with SparseGPT's sweep choosing the mask (the default
 # mask is ADMM's), "mrp+swap" refines the mask by one exact swap pass. "dense" (nothing pruned) is not in the dict.

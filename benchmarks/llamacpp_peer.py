@@ -91,7 +91,7 @@ def _clear(llm: llama_cpp.Llama) -> None:
 
 
 def _argmax_last(llm: llama_cpp.Llama, n_vocab: int) -> int:
-    # With logits_all=False, 0.3.36's eval() no longer copies logits into llm.scores (sampling moved into the C
+    # With logits_all=False, 0.3.36's eval() does not copy logits into llm.scores (sampling moved into the C
     # sampler), so llm.scores holds garbage; read the last output row straight from the context instead.
     logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,))
     return int(np.argmax(logits))

@@ -18,7 +18,7 @@ The rest of config.json goes through `portable_config`, so transformers 4.x and 
 A tied output head is not stored: readers re-tie it from `tie_word_embeddings: true` (ours, transformers,
 compressed-tensors), and `load_compressed` accepts a missing tied head from any writer on that ground.
 Readers of this format: compressed-tensors <= 0.14.0.1 (so transformers 4.x, llm-compressor <= 0.10); later
-compressed-tensors releases dropped it (README, "Compressed checkpoints: who reads them").
+compressed-tensors releases dropped it (README, "Compressed checkpoint interop").
 """
 
 from __future__ import annotations

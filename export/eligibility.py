@@ -24,6 +24,10 @@ MIN_CAPABILITY = (8, 0)
 TWO_FOUR_DTYPES = (torch.float16, torch.bfloat16, torch.int8)
 FP32_REASON = ("float32 is 1:2 (TF32) in the sparse kernels, not 2:4: cast to float16/bfloat16 "
                "(--dtype float16) or run dense")
+# torch's int8 semi-structured matmul takes int8 activations too; the torch-sparse engine feeds the model's floating
+# activations and quantizes none, so int8 weights have no 2:4 path there (TensorRT's int8 tactics do).
+INT8_REASON = ("int8 needs int8 activations, which the torch-sparse engine does not quantize: run it in "
+               "float16/bfloat16, or int8 on TensorRT")
 
 # torch's CUTLASS semi-structured kernels (torch._sparse_semi_structured_mm/addmm) are built for sm80 only: on any
 # other major version (sm_90 Hopper, sm_100, sm_120) they raise "Supported only on GPUs with compute capability
@@ -82,6 +86,8 @@ def torch_sparse_reason(shape: tuple[int, int], dtype: torch.dtype, backend: str
     2:4 values, else why not (float32 converts but as 1:2, so it is refused here)."""
     if dtype == torch.float32:
         return f"{backend}: {FP32_REASON}"
+    if dtype == torch.int8:
+        return f"{backend}: {INT8_REASON}"
     rules = torch_shape_rules(backend)
     if dtype not in rules or dtype not in TWO_FOUR_DTYPES:
         return f"{backend}: dtype {str(dtype).replace('torch.', '')} unsupported"

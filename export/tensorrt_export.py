@@ -1,7 +1,8 @@
 """export.to_tensorrt: torch-tensorrt through torch.export, 2:4 weights as constants, sparse tactics enabled.
 
 Writes `<path>.ep` (torch_tensorrt.save, loads with torch_tensorrt.load / runtime.load) and `<path>.engine` (raw
-serialized engine for `trtexec --loadEngine` or any TensorRT runtime). Needs CUDA, an NVIDIA GPU and
+serialized engine for `trtexec --loadEngine` or any TensorRT runtime): one build, the `.engine` is the engine
+inside the `.ep`. Needs CUDA, an NVIDIA GPU and
 torch-tensorrt matching the torch minor version; without them it fails before doing any work.
 """
 
@@ -46,7 +47,7 @@ def require_tensorrt() -> None:
 
 
 def tensorrt_settings(dtype: torch.dtype = torch.float16, accepted: set[str] | None = None) -> dict:
-    """Keyword arguments for torch_tensorrt.dynamo.compile / convert_exported_program_to_serialized_trt_engine.
+    """Keyword arguments for torch_tensorrt.dynamo.compile (and convert_exported_program_to_serialized_trt_engine).
 
     torch-tensorrt 2.13 (the `trt` extra): `use_explicit_typing` is the default since 2.10 and the precision comes
     from the model's dtypes (the model is cast to `dtype` first); passing `enabled_precisions` other than fp32
@@ -76,9 +77,42 @@ def _accepted(fn) -> set[str] | None:
     return set(params)
 
 
+_TRT_MODULE_CLASSES = ("TorchTensorRTModule", "PythonTorchTensorRTModule")
+
+
+def serialized_engines(trt_gm: nn.Module) -> list[tuple[str, bytes]]:
+    """(submodule name, serialized engine) of each TensorRT submodule of a torch_tensorrt.dynamo.compile result,
+    in graph order.
+
+    torch-tensorrt (2.10 to 2.13) replaces each TensorRT-convertible partition `_run_on_acc_<i>` of the returned
+    GraphModule by a TorchTensorRTModule (or, up to 2.12, a PythonTorchTensorRTModule) that keeps the engine
+    bytes it was built from in `serialized_engine` (py/torch_tensorrt/dynamo/runtime/_TorchTensorRTModule.py,
+    set in __init__ from dynamo/conversion/_conversion.py convert_module); torch_tensorrt.save packs the same
+    bytes into the `.ep`. A layout without that attribute fails here, naming what was found."""
+    found: list[tuple[str, bytes]] = []
+    for name, sub in trt_gm.named_modules():
+        if type(sub).__name__ not in _TRT_MODULE_CLASSES:
+            continue
+        blob = getattr(sub, "serialized_engine", None)
+        if not isinstance(blob, (bytes, bytearray)) or not blob:
+            raise RuntimeError(f"torch-tensorrt layout not understood: submodule {name!r} ({type(sub).__name__}) "
+                               "has no serialized_engine bytes; cannot write the .engine file from the compiled "
+                               "module")
+        found.append((name, bytes(blob)))
+    if not found:
+        kinds = sorted({type(m).__name__ for _, m in trt_gm.named_children()})
+        raise RuntimeError("torch-tensorrt compiled no TensorRT engine (nothing was convertible?); submodules: "
+                           f"{', '.join(kinds) or 'none'}")
+    return found
+
+
 def to_tensorrt(model: nn.Module, example_inputs, path: str | os.PathLike,
                 dtype: torch.dtype = torch.float16) -> ExportReport:
-    """Compile `model` with torch-tensorrt (sparse_weights=True) and write `<path stem>.ep` and `.engine`."""
+    """Compile `model` with torch-tensorrt (sparse_weights=True) and write `<path stem>.ep` and `.engine`.
+
+    One build: the `.engine` is the serialized engine of the compiled module's TensorRT submodule. When
+    torch-tensorrt splits the model (ops it cannot convert run in PyTorch between engines), one
+    `<stem>.<submodule>.engine` per engine is written instead and a note says so."""
     require_tensorrt()
     import torch_tensorrt
 
@@ -92,17 +126,30 @@ def to_tensorrt(model: nn.Module, example_inputs, path: str | os.PathLike,
     with torch.no_grad():
         exported = torch.export.export(module, inputs, strict=False)
         compile_fn = torch_tensorrt.dynamo.compile
+        # One build: the `.engine` file is the engine inside the `.ep`, taken from the compiled module, not a
+        # second build by convert_exported_program_to_serialized_trt_engine (twice the time, and tactic timing
+        # could make the two engines differ)
         trt_gm = compile_fn(exported, arg_inputs=list(inputs), **tensorrt_settings(dtype, _accepted(compile_fn)))
-        to_engine = torch_tensorrt.dynamo.convert_exported_program_to_serialized_trt_engine
-        engine = to_engine(exported, arg_inputs=list(inputs), **tensorrt_settings(dtype, _accepted(to_engine)))
+    engines = serialized_engines(trt_gm)
+    # partitions torch-tensorrt left to PyTorch are submodules `_run_on_gpu_<i>` (dynamo/_compiler.py compile_module)
+    in_torch = [n for n, _ in trt_gm.named_children() if n.startswith("_run_on_gpu")]
+    engine_files = {engine_path.name: engines[0][1]} if len(engines) == 1 else {
+        f"{path.stem}.{name.replace('.', '_')}.engine": blob for name, blob in engines}
     with atomic_files(path.with_suffix(".ep")) as tmp:
         torch_tensorrt.save(trt_gm, str(tmp / ep_path.name), arg_inputs=list(inputs))
-        (tmp / engine_path.name).write_bytes(bytes(engine))
+        for name, blob in engine_files.items():
+            (tmp / name).write_bytes(blob)
         files = {str(path.parent / f.name): f.stat().st_size for f in sorted(tmp.iterdir())}
     notes = ["static shapes: the engine is built for the example input shapes",
+             *([f"{len(engines)} TensorRT engines (ops between them run in PyTorch): the .ep is the whole model; "
+                f"the {len(engines)} .engine files ({', '.join(engine_files)}) are its TensorRT pieces, in order, "
+                "not a whole model each"] if len(engines) > 1 else []),
              *(["float32 engine: TF32 has no 2:4 sparse tactics (1:2 only); export float16 for 2:4"]
                if dtype == torch.float32 and pruned else []),
-             f"verify sparse tactics: trtexec --loadEngine={engine_path} --verbose (look for sparse layers)"]
+             *([f"part of the model runs in PyTorch ({', '.join(in_torch)}): the .engine file is only the TensorRT "
+                "part; the .ep is the whole model"] if in_torch and len(engines) == 1 else []),
+             f"verify sparse tactics: trtexec --loadEngine={path.parent / next(iter(engine_files))} --verbose "
+             "(look for sparse layers)"]
     if is_hf_causal_lm(model):
         notes.append("HF model exported as input_ids -> logits (use_cache=False)")
     return ExportReport(path=str(ep_path), format="tensorrt", dtype=str(dtype).replace("torch.", ""), files=files,

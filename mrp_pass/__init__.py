@@ -4,9 +4,10 @@ Pipeline: calibrate (hessian) -> solve (solvers) -> rewrite the graph (graph, fx
 backend (backend). `prune(model, calibration)` is the one verb over a model."""
 
 from .config import PruneConfig
-from .fx_pass import LayerReport, PruneReport, prune, prune_graph
+from .fx_pass import prune, prune_graph
 from .graph import LinearSite, find_linears
 from .hessian import Hessian, damped_inverse
+from .report import LayerReport, PruneReport
 from .solvers import METHODS, SolveResult, solve
 from .sparsity import Sparsity, is_nm_sparse, parse_sparsity
 

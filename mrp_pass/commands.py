@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -105,7 +106,7 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
         print(f"note: {config.blocksize_chosen}", flush=True)
     _check_out(Path(args.out), getattr(args, "overwrite", False), model=args.model)
     if nproc > 1 and not spawned:
-        return distributed.spawn_prune(args)
+        return spawn_prune(args)
     ranks = distributed.detect()  # None for one process; under torchrun (or --nproc) every rank runs this
     main = distributed.is_main(ranks)
     if not main:
@@ -133,6 +134,40 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
         raise
     distributed.finish(ranks)
     print(f"saved the pruned model and report.json to {out} ({time.perf_counter() - t0:.0f} s in all)")
+    return 0
+
+
+# `mrp prune --nproc N`: N gloo processes on this machine, each running cmd_prune (spawned here, on the CLI side:
+# the pass itself never imports the CLI).
+
+
+def _prune_worker(rank: int, args: argparse.Namespace, port: int, threads: int) -> None:
+    from . import distributed
+
+    distributed.init_local(rank, args.nproc, port, threads)
+    try:
+        cmd_prune(args, spawned=True)
+    finally:
+        distributed.dist.destroy_process_group()
+
+
+def spawn_prune(args: argparse.Namespace) -> int:
+    """Run `mrp prune` in args.nproc gloo processes (torch threads shared out among them): each loads the
+    model, calibrates on its share of the samples and solves its share of the rows; rank 0 writes --out."""
+    import torch.multiprocessing as mp
+
+    from . import distributed
+
+    n = args.nproc
+    threads = max(1, torch.get_num_threads() // n)
+    args = copy.copy(args)
+    try:
+        mp.spawn(_prune_worker, args=(args, distributed.free_port(), threads), nprocs=n, join=True)
+    except mp.ProcessRaisedException as e:  # the worker's traceback is in the message: keep its last line
+        last = str(e).strip().splitlines()[-1]
+        raise RuntimeError(f"--nproc {n}: {last}") from None
+    except mp.ProcessExitedException as e:
+        raise RuntimeError(f"--nproc {n}: a rank died ({e})") from None
     return 0
 
 

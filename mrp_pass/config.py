@@ -19,11 +19,12 @@ from .sparsity import Sparsity, parse_sparsity
 LayerFilter = Callable[[str, "nn.Module | None", tuple], bool] | Sequence[str | type] | None
 ON_ERROR = ("rollback", "keep_partial")
 TARGETS = ("pruned", "dense", "residual")
-# targets when none is given: "residual" for mrp (the best measured, README), the published protocol for the baselines
+# targets when none is given: "residual" for mrp (the most accurate objective measured: results/README.md), the
+# published protocol for the baselines
 DEFAULT_TARGETS = {"mrp": "residual"}
 # dense_fraction when none is given, per targets: "residual" runs the dense model on a quarter of the samples, which
-# brings the pass within issue 14's time budget (session 8: 1.38-1.49x SparseGPT's against 1.5x; every sample: 2.3x),
-# the correction's ridge chosen on held-out samples (README)
+# keeps the pass within 1.5x SparseGPT's time (the dense walk on every sample is the slowest part of the pass), the
+# correction's ridge chosen on held-out samples; accuracy and time of each share: results/README.md
 DEFAULT_DENSE_FRACTION = {"residual": 0.25}
 
 

@@ -21,12 +21,10 @@ group's error or its timeout.
 
 `prune` uses the process group that is initialised (or one from torchrun's RANK / WORLD_SIZE / MASTER_ADDR
 environment, created here with gloo for CPU tensors and NCCL for CUDA ones); `mrp prune --nproc N` spawns N
-gloo processes on the CPU (`spawn_prune`)."""
+gloo processes on the CPU (`commands.spawn_prune`)."""
 
 from __future__ import annotations
 
-import argparse
-import copy
 import datetime
 import hashlib
 import logging
@@ -40,6 +38,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from . import solvers
+from .errors import add_note
 
 log = logging.getLogger(__name__)
 
@@ -212,22 +211,17 @@ def fail(ctx: Context | None, error: BaseException) -> None:
     try:
         everyone = ctx.exchange(error)
     except Exception as comm_error:  # the group itself is broken (a rank died): the original error matters more
-        _add_note(error, f"mrp_pass: rank {ctx.rank} of {ctx.world} failed and could not tell the other ranks "
-                         f"({type(comm_error).__name__}: {comm_error}); they stop at the process group's error or "
-                         "timeout")
+        add_note(error, f"mrp_pass: rank {ctx.rank} of {ctx.world} failed and could not tell the other ranks "
+                        f"({type(comm_error).__name__}: {comm_error}); they stop at the process group's error or "
+                        "timeout")
         return
     others = [r for r, (msg, _) in enumerate(everyone) if msg is not None and r != ctx.rank]
-    _add_note(error, f"mrp_pass: rank {ctx.rank} of {ctx.world} failed here; the other ranks were told and "
-                     "raised too" + (f" (ranks {others} failed as well)" if others else ""))
-
-
-def _add_note(error: BaseException, note: str) -> None:
-    if hasattr(error, "add_note"):
-        error.add_note(note)
+    add_note(error, f"mrp_pass: rank {ctx.rank} of {ctx.world} failed here; the other ranks were told and "
+                    "raised too" + (f" (ranks {others} failed as well)" if others else ""))
 
 
 # ----------------------------------------------------------------------------------------------
-# `mrp prune --nproc N`: N gloo processes on this machine.
+# A gloo group of processes on this machine (`mrp prune --nproc N`, commands.spawn_prune).
 
 
 def free_port() -> int:
@@ -242,31 +236,3 @@ def init_local(rank: int, world: int, port: int, threads: int | None = None) -> 
     if threads:
         torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=30))
-
-
-def _prune_worker(rank: int, args: argparse.Namespace, port: int, threads: int) -> None:
-    from .commands import cmd_prune
-
-    init_local(rank, args.nproc, port, threads)
-    try:
-        cmd_prune(args, spawned=True)
-    finally:
-        dist.destroy_process_group()
-
-
-def spawn_prune(args: argparse.Namespace) -> int:
-    """Run `mrp prune` in args.nproc gloo processes (torch threads shared out among them): each loads the
-    model, calibrates on its share of the samples and solves its share of the rows; rank 0 writes --out."""
-    import torch.multiprocessing as mp
-
-    n = args.nproc
-    threads = max(1, torch.get_num_threads() // n)
-    args = copy.copy(args)
-    try:
-        mp.spawn(_prune_worker, args=(args, free_port(), threads), nprocs=n, join=True)
-    except mp.ProcessRaisedException as e:  # the worker's traceback is in the message: keep its last line
-        last = str(e).strip().splitlines()[-1]
-        raise RuntimeError(f"--nproc {n}: {last}") from None
-    except mp.ProcessExitedException as e:
-        raise RuntimeError(f"--nproc {n}: a rank died ({e})") from None
-    return 0

@@ -149,9 +149,9 @@ def pooled(parts: Sequence[Hessian | OutputDriftMoment]) -> Hessian | OutputDrif
 
 
 # Damping of the target correction relative to mean(diag H), in half-decade steps: `held_out_damping` searches
-# it from TARGET_DAMPING_START. Capped at 1: on SmolLM2 2:4 with the dense model on 32 samples (seed 0), the same
-# search up to 30 chose 3-30 for most writers and gave perplexity 57.82 against 55.49 capped at 1 (two folds of
-# half the samples call for more damping than the fit on all of them needs).
+# it from TARGET_DAMPING_START. Capped at 1: two folds of half the samples call for more damping than the fit on
+# all of them needs, and a search up to 30 chose 3-30 for most writers and lost accuracy (results/README.md,
+# "Choosing the dense share and the ridge").
 TARGET_DAMPING = (0.01, 0.03, 0.1, 0.3, 1.0)
 TARGET_DAMPING_START = 1.0
 
@@ -165,9 +165,9 @@ def held_out_damping(folds: Sequence[tuple[torch.Tensor, torch.Tensor]], grid: S
     until neither is better (a ridge's held-out score has one peak along lambda; usually 2-3 of the points are scored,
     each a Cholesky and two [out, in] x [in, in] products per direction). Returns lambda / mean(diag H) of the best,
     or None when no correction reduces the held-out error (the targets' drift is not predictable from these inputs:
-    fit the layer's own outputs). A correction regressed on few tokens per input fits their noise: measured on
-    SmolLM2 2:4, the dense model on 32 x 512 tokens (writers up to 1536 inputs wide) with the ridge fixed at
-    percdamp undid most of what the residual targets gain (perplexity 61.94 against 52.92 on every sample)."""
+    fit the layer's own outputs). A correction regressed on few tokens per input fits their noise: with the
+    dense model on a quarter of the samples and the ridge fixed at percdamp, most of what the residual targets
+    gain was lost (results/README.md, "Choosing the dense share and the ridge")."""
     directions = ((folds[0], folds[1]), (folds[1], folds[0]))
     scales = [float(h.diagonal().mean()) for _, h in folds]
     if not all(scale > 0 for scale in scales):
@@ -206,7 +206,7 @@ def dense_target_map(drift: torch.Tensor, hessian: torch.Tensor, percdamp: float
     `hessian` must be the H of the very samples G was summed over: the correction is then a ridge regression of
     the drift on the inputs, bounded by Cauchy-Schwarz. G of a subset against the H of every sample is not:
     along a direction the subset happens to fill (an outlier token) and the whole set hardly does, G H^-1 grows
-    without bound (measured: |W*| up to 100x |W| on SmolLM2's down projections, perplexity in the millions).
+    without bound (|W*| up to 100x |W| on SmolLM2's down projections: results/README.md).
     Float64 inside, `drift`'s dtype out; one M serves every layer of a group."""
     _, chol = damped_hessian(hessian.to(torch.float64), percdamp, inverse=False)
     m = solve_right(drift.to(torch.float64), chol)  # G (H + lambda I)^-1

@@ -1,6 +1,6 @@
 """The main job: prune the embedded default model to 2:4, measure it, export it, benchmark it.
 
-    python -m mrp_pass.pipeline                  # quick protocol, about 10 minutes on 2 CPU cores
+    python -m mrp_pass.pipeline                  # quick protocol, about 6 minutes on 2 CPU cores
     python -m mrp_pass.pipeline --full           # the paper protocol: 128 x 512 calibration, 64 eval windows
 
 Steps: dense perplexity -> dense ONNX -> prune (fx pass) -> pruned perplexity -> pruned ONNX (2:4 verified in

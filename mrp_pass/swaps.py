@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .solvers import refit_cg, solve_mrp_block
+from .refit import refit_cg, solve_mrp_block
 from .sparsity import Sparsity
 
 

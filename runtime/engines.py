@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -13,6 +14,14 @@ from export.wrap import main_output
 
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                  "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+# IOBinding (CUDA / TensorRT providers): the torch dtype an input is converted to on the device, and the element
+# type bind_input / bind_output are given. bfloat16 has no numpy type: onnxruntime also takes the ONNX
+# TensorProto code there (16 = BFLOAT16), see IOBinding.bind_input in onnxruntime_inference_collection.py.
+_ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+                 "tensor(bfloat16)": torch.bfloat16, "tensor(int64)": torch.int64, "tensor(int32)": torch.int32,
+                 "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool}
+_ORT_ELEMENT_TYPE = {**_ORT_TO_NUMPY, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bfloat16)": 16}
+_DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 
 class Engine:
@@ -134,20 +143,66 @@ class OnnxEngine(Engine):
                              f"{type(e).__name__}: {e}") from None
         self.provider = ", ".join(self.session.get_providers())
         self.inputs = self.session.get_inputs()
-        out_shape = self.session.get_outputs()[0].shape
+        self.outputs = self.session.get_outputs()
+        out_shape = self.outputs[0].shape
         self.vocab_size = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
+        # CUDA / TensorRT first: CUDA tensors are bound in place (IOBinding) instead of a host round trip
+        self.binding_device = _binding_device(self.session)
+        if self.binding_device is not None:
+            self.device = self.binding_device
 
     def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
-        """Every output of the graph, for inputs given by position in the graph's input order."""
+        """Every output of the graph, for inputs given by position in the graph's input order.
+
+        On a CUDA / TensorRT session with CUDA inputs the tensors are bound where they are and the outputs come
+        back as CUDA tensors; otherwise inputs go through numpy on the host and outputs come back on the CPU."""
         if len(inputs) != len(self.inputs):
             raise ValueError(f"the ONNX graph takes {len(self.inputs)} inputs "
                              f"({', '.join(i.name for i in self.inputs)}), got {len(inputs)}")
+        if self.binding_device is not None and inputs and all(t.is_cuda for t in inputs):
+            return self._run_bound(inputs)
         feed = {}
         for spec, t in zip(self.inputs, inputs):
             arr = t.detach().cpu().numpy()
             want = _ORT_TO_NUMPY.get(spec.type)
             feed[spec.name] = arr.astype(want, copy=False) if want is not None else arr
         return [torch.from_numpy(o) for o in self.session.run(None, feed)]
+
+    def _run_bound(self, inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """IOBinding: inputs bound by address on the session's GPU, outputs into preallocated torch tensors when
+        their shapes follow from the inputs', else left to onnxruntime and taken over through DLPack."""
+        device = self.binding_device
+        binding = self.session.io_binding()
+        # Converted copies stay referenced in `bound` until the run has finished (the same rule as TensorRTEngine)
+        bound: list[torch.Tensor] = []
+        for spec, t in zip(self.inputs, inputs):
+            t = t.detach().to(device, _ORT_TO_TORCH.get(spec.type, t.dtype)).contiguous()
+            bound.append(t)
+            binding.bind_input(name=spec.name, device_type="cuda", device_id=device.index,
+                               element_type=_element_type(spec.type, t.dtype), shape=tuple(t.shape),
+                               buffer_ptr=t.data_ptr())
+        shapes = output_shapes(self.inputs, self.outputs, [tuple(t.shape) for t in bound])
+        preallocated: dict[int, torch.Tensor] = {}
+        for i, (spec, shape) in enumerate(zip(self.outputs, shapes)):
+            dtype = _ORT_TO_TORCH.get(spec.type)
+            if shape is not None and dtype is not None:
+                out = torch.empty(shape, dtype=dtype, device=device)
+                preallocated[i] = out
+                binding.bind_output(name=spec.name, device_type="cuda", device_id=device.index,
+                                    element_type=_element_type(spec.type, dtype), shape=shape,
+                                    buffer_ptr=out.data_ptr())
+            else:
+                binding.bind_output(name=spec.name, device_type="cuda", device_id=device.index)
+        # onnxruntime computes on its own CUDA stream: the inputs (written on torch's current stream, e.g. by the
+        # conversion above) must be complete first
+        if device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()  # outputs complete before torch's streams read them
+        if len(preallocated) == len(self.outputs):
+            return [preallocated[i] for i in range(len(self.outputs))]
+        values = binding.get_outputs()
+        return [preallocated[i] if i in preallocated else _ortvalue_to_torch(v, device) for i, v in enumerate(values)]
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.run(*inputs)[0]
@@ -157,11 +212,69 @@ class OnnxEngine(Engine):
         for spec in self.inputs:
             # symbolic dims: the first is the batch, the second the sequence; fixed dims keep their size
             dims = [d if isinstance(d, int) else (batch if i == 0 else seqlen) for i, d in enumerate(spec.shape)]
+            # on the session's GPU when it binds device tensors, so that a benchmark times no host copies
+            where = self.binding_device or "cpu"
             if spec.type in ("tensor(int64)", "tensor(int32)"):
-                out.append(torch.randint(0, self.vocab_size or 32000, dims))
+                out.append(torch.randint(0, self.vocab_size or 32000, dims, device=where))
             else:
-                out.append(torch.randn(dims))
+                out.append(torch.randn(dims, device=where))
         return tuple(out)
+
+
+def _binding_device(session) -> torch.device | None:
+    """The CUDA device the session computes on when its first provider is CUDA or TensorRT (then inputs that are
+    CUDA tensors are bound in place), else None (numpy feed through the host).
+
+    The device id comes from the provider's options (onnxruntime reports `device_id` for both), default 0:
+    choose_providers passes none, so a session made for "cuda:1" still computes on GPU 0."""
+    providers = session.get_providers()
+    if not providers or providers[0] not in _DEVICE_PROVIDERS:
+        return None
+    options = {}
+    with contextlib.suppress(Exception):  # older / foreign sessions: no get_provider_options
+        options = session.get_provider_options().get(providers[0], {}) or {}
+    try:
+        index = int(options.get("device_id", 0))
+    except (TypeError, ValueError):
+        index = 0
+    return torch.device("cuda", index)
+
+
+def _element_type(ort_type: str, dtype: torch.dtype):
+    """bind_input / bind_output's element_type: a numpy type, or the ONNX code where numpy has none (bfloat16)."""
+    if ort_type in _ORT_ELEMENT_TYPE:
+        return _ORT_ELEMENT_TYPE[ort_type]
+    raise TypeError(f"IOBinding: no element type for ONNX {ort_type} ({dtype})")
+
+
+def output_shapes(input_specs, output_specs, input_shapes: list[tuple[int, ...]]) -> list[tuple[int, ...] | None]:
+    """Each output's concrete shape when every dim is fixed or a symbolic dim that names an input dim (the
+    exporter names the LLM axes, e.g. batch / sequence, alike in inputs and logits), else None for that output."""
+    sizes: dict[str, int] = {}
+    for spec, shape in zip(input_specs, input_shapes):
+        for dim, size in zip(spec.shape or (), shape):
+            if isinstance(dim, str) and dim:
+                sizes.setdefault(dim, size)
+    result: list[tuple[int, ...] | None] = []
+    for spec in output_specs:
+        dims = spec.shape
+        if dims is None or not all((isinstance(d, int) and d >= 0) or d in sizes for d in dims):
+            result.append(None)
+        else:
+            result.append(tuple(d if isinstance(d, int) else sizes[d] for d in dims))
+    return result
+
+
+def _ortvalue_to_torch(value, device: torch.device) -> torch.Tensor:
+    """An output onnxruntime allocated on the GPU, as a torch tensor sharing its memory (DLPack), or copied
+    through the host where this onnxruntime has no DLPack (the memory stays owned by the OrtValue: DLPack's
+    deleter keeps it alive as long as the torch tensor)."""
+    if hasattr(value, "__dlpack__"):  # onnxruntime OrtValue.__dlpack__ (recent releases)
+        return torch.from_dlpack(value)
+    c_value = getattr(value, "_ortvalue", None)
+    if c_value is not None and hasattr(c_value, "to_dlpack"):  # the C OrtValue (builds with DLPack enabled)
+        return torch.utils.dlpack.from_dlpack(c_value.to_dlpack())
+    return torch.from_numpy(value.numpy()).to(device)
 
 
 def _onnx_input_or_output_types(path: str | os.PathLike) -> str:
@@ -186,6 +299,28 @@ def _require_torch_tensorrt(path: Path):
     return torch_tensorrt
 
 
+def trt_torch_dtypes(trt) -> dict:
+    """{trt.DataType member: torch dtype} for the members this TensorRT has.
+
+    Not through `trt.nptype`: numpy has no bfloat16 (nor float8), so a bf16 engine failed there. getattr, because
+    older TensorRT lacks BF16 / INT64 / FP8 and a missing member must not break the others. INT4 / FP4 are packed
+    (two values a byte) and have no torch dtype: they are left out and rejected by name in `_torch_dtype_of`."""
+    pairs = [("FLOAT", torch.float32), ("HALF", torch.float16), ("BF16", torch.bfloat16), ("INT8", torch.int8),
+             ("UINT8", torch.uint8), ("INT32", torch.int32), ("INT64", torch.int64), ("BOOL", torch.bool),
+             ("FP8", getattr(torch, "float8_e4m3fn", None))]
+    members = getattr(trt, "DataType", None)
+    return {getattr(members, name): dtype for name, dtype in pairs
+            if dtype is not None and members is not None and hasattr(members, name)}
+
+
+def _torch_dtype_of(engine, name: str, dtypes: dict) -> torch.dtype:
+    trt_dtype = engine.get_tensor_dtype(name)
+    if trt_dtype not in dtypes:
+        raise TypeError(f"TensorRT tensor {name!r} has type {trt_dtype}, which has no torch dtype here "
+                        f"(supported: {', '.join(str(d) for d in dtypes)})")
+    return dtypes[trt_dtype]
+
+
 class TensorRTEngine(Engine):
     """A raw serialized TensorRT engine (.engine), run with the tensorrt Python API on torch CUDA tensors."""
 
@@ -197,36 +332,62 @@ class TensorRTEngine(Engine):
         import tensorrt as trt
 
         logger = trt.Logger(trt.Logger.WARNING)
-        self.engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
-        if self.engine is None:
+        engine = trt.Runtime(logger).deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
             raise ValueError(f"{path}: TensorRT could not deserialize it (other TensorRT version or not an engine)")
-        self.context = self.engine.create_execution_context()
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        self.provider = f"TensorRT {trt.__version__}"
-        self._trt = trt
+        self._setup(engine, trt)
 
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        trt, stream = self._trt, torch.cuda.current_stream()
-        inputs = [t.cuda().contiguous() for t in inputs]
+    def _setup(self, engine, trt, device: str | torch.device = "cuda") -> None:
+        """Everything but the deserialization (tests drive it with a fake `trt` and a CPU `device`)."""
+        self.engine, self._trt, self.device = engine, trt, torch.device(device)
+        self.context = engine.create_execution_context()
+        if self.context is None:
+            raise RuntimeError("TensorRT could not create an execution context (out of GPU memory?)")
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        self.input_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        dtypes = trt_torch_dtypes(trt)
+        # resolved once: a tensor of a type torch lacks fails at load, naming the tensor, not mid-benchmark
+        self.dtypes = {n: _torch_dtype_of(engine, n, dtypes) for n in names}
+        self.provider = f"TensorRT {getattr(trt, '__version__', '?')}"
+
+    def run(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+        """Every output, in the engine's output order, for inputs in the engine's input order."""
+        if len(inputs) != len(self.input_names):
+            raise ValueError(f"the TensorRT engine takes {len(self.input_names)} inputs "
+                             f"({', '.join(self.input_names)}), got {len(inputs)}")
+        stream = torch.cuda.current_stream(self.device)
+        # Every tensor whose address TensorRT is given stays referenced here until execution is over: rebinding
+        # the converted input on each loop turn would let input k's copy be freed (and its memory handed to input
+        # k+1's copy) before execute_async_v3 read it.
+        bound: list[torch.Tensor] = []
         for name, t in zip(self.input_names, inputs):
-            want = _torch_dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            t = t.to(want)
+            t = t.to(self.device, self.dtypes[name]).contiguous()
+            bound.append(t)
             self.context.set_input_shape(name, tuple(t.shape))
             self.context.set_tensor_address(name, t.data_ptr())
         outputs = []
         for name in self.output_names:
-            dtype = _torch_dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
-            out = torch.empty(tuple(self.context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            shape = tuple(self.context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeError(f"TensorRT output {name!r} has a data-dependent shape {shape}; this runtime "
+                                   "needs output shapes known from the input shapes")
+            out = torch.empty(shape, dtype=self.dtypes[name], device=self.device)
             self.context.set_tensor_address(name, out.data_ptr())
             outputs.append(out)
-        self.context.execute_async_v3(stream.cuda_stream)
-        return outputs[0]
+        bound.extend(outputs)
+        if not self.context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log above)")
+        # The work is only queued. `bound` dies when this returns: record_stream makes the caching allocator
+        # wait for the work queued on `stream` before it reuses any of these blocks, whichever stream the
+        # caller frees them from, so no synchronize (which would serialise benchmarks) is needed.
+        for t in bound:
+            if t.is_cuda:
+                t.record_stream(stream)
+        return outputs
 
-
-def _torch_dtype(np_dtype) -> torch.dtype:
-    return torch.from_numpy(np.zeros(1, dtype=np_dtype)).dtype
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run(*inputs)[0]
 
 
 CHECKPOINT_ENGINES = ("torch", "cpu-sparse", "cpu-compiled")

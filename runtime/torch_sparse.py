@@ -2,11 +2,15 @@
 
 Never slower than dense: 2:4 kernels lose at decode sizes (few tokens) and gain little on some GPUs, so each
 layer is timed dense vs sparse per token bucket when the engine is built (`autotune`, cached per shape, dtype,
-backend, token count and GPU) and runs sparse only for the buckets where that was faster.
+bias, backend, algorithm, token count and GPU) and runs sparse only for the buckets where that was faster.
+What is timed is what the model runs: `sparse_linear` / `F.linear` on a [1, tokens, in] input, the variants
+interleaved after a fixed warm-up (a GPU idling at a low clock would otherwise favour whichever runs second).
 
   available_backends(capability)  which semi-structured backends a GPU has (rules: export.eligibility)
   plan(weights, capability, dtype) pure logic on {name: weight[out, in]}: which layers may run 2:4, and why not
-  autotune(layer_or_weight)        dense vs sparse per token count, CUDA events; `timer` injectable for tests
+  autotune(layer_or_weight)        cuSPARSELt algorithm search, then dense vs sparse per token count (CUDA events;
+                                   `timer` injectable for tests)
+  sparse_linear(x, weight, bias)   the semi-structured matmul as the layer runs it: row-major output on every torch
   TorchSparseLinear                forward dispatches per token count between the sparse and the dense weight
   to_torch_sparse(model)           all of it, in place on a CUDA model; returns the per-layer report
 
@@ -54,24 +58,7 @@ class LayerPlan:
     sparse_tokens: list[int] = field(default_factory=list)  # token buckets that run sparse
     gain: dict[int, float] = field(default_factory=dict)  # token bucket -> dense ms / sparse ms (measured)
     extra_bytes: int = 0  # memory of the dense copy kept for a "mixed" layer
-
-
-@dataclass
-class Choice:
-    """The autotune's result for one layer: per token bucket, dense and sparse median ms and whether to go sparse."""
-
-    dense_ms: dict[int, float]
-    sparse_ms: dict[int, float]
-    sparse: dict[int, bool]
-
-    @property
-    def mode(self) -> str:
-        if all(self.sparse.values()):
-            return "sparse"
-        return "mixed" if any(self.sparse.values()) else "dense"
-
-    def gain(self) -> dict[int, float]:
-        return {n: self.dense_ms[n] / self.sparse_ms[n] for n in self.sparse if self.sparse_ms[n] > 0}
+    alg: int | None = None  # the cuSPARSELt algorithm id chosen by the autotune
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -136,32 +123,34 @@ def require_sparse_cuda(capability: tuple[int, int] | str | None = "auto") -> No
                            f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}: {reason}")
 
 
-def to_semi_structured(weight: torch.Tensor, backend: str) -> torch.Tensor:
-    """`weight` (CUDA, 2:4, fp16 / bf16 / int8) as the semi-structured tensor of `backend`."""
+def to_semi_structured(weight: torch.Tensor, backend: str, alg: int = 0) -> torch.Tensor:
+    """`weight` (CUDA, 2:4, fp16 / bf16) as the semi-structured tensor of `backend` (cuSPARSELt: algorithm `alg`)."""
     if weight.dtype not in TWO_FOUR_DTYPES:
         raise ValueError(f"{_dtype_name(weight.dtype)} weights do not run 2:4 (float32 is 1:2 TF32 in these "
                          f"kernels): cast to float16 or bfloat16 first")
-    return getattr(torch.sparse, TORCH_SPARSE_CLASSES[backend]).from_dense(weight.detach().contiguous())
+    sparse = getattr(torch.sparse, TORCH_SPARSE_CLASSES[backend]).from_dense(weight.detach().contiguous())
+    if backend == "cusparselt":
+        # Let cuSPARSELt write the product row-major (transpose_result). Before torch 2.12 this flag defaults to
+        # off and F.linear returns a column-major view; attention then reads q/k/v with a last-dim stride != 1 and
+        # SDPA falls back from flash / memory-efficient attention to the math kernel. Newer torch ignores the flag
+        # in F.linear (it always fuses the transpose there).
+        if hasattr(sparse, "fuse_transpose_cusparselt"):
+            sparse.fuse_transpose_cusparselt = True
+        set_alg(sparse, alg)
+    return sparse
 
 
-def search_cusparselt_alg(sparse_weight: torch.Tensor, tokens: int) -> int | None:
-    """cuSPARSELt's own algorithm search for this weight at `tokens` rows of input; sets and returns the id.
+def set_alg(sparse_weight: torch.Tensor, alg: int) -> None:
+    """Use cuSPARSELt algorithm `alg` for this weight's matmuls (no-op for CUTLASS weights)."""
+    if hasattr(sparse_weight, "alg_id_cusparselt"):
+        sparse_weight.alg_id_cusparselt = int(alg)
 
-    torch._cslt_sparse_mm_search(compressed_A, dense_B, bias=None, alpha=None, out_dtype=None,
-    transpose_result=False) -> int; the linear layer calls _cslt_sparse_mm(packed, x.t()) (x padded to the
-    dtype's row multiple), so the search gets that operand. None when unavailable or the search fails."""
-    search = getattr(torch, "_cslt_sparse_mm_search", None)
-    packed = getattr(sparse_weight, "packed", None)
-    if search is None or packed is None or not hasattr(sparse_weight, "alg_id_cusparselt"):
-        return None
-    rows = -(-tokens // 8) * 8  # fp16 / bf16 dense_min_rows
-    x = torch.randn(rows, sparse_weight.shape[1], dtype=sparse_weight.dtype, device=packed.device)
-    try:
-        alg = int(search(packed, x.t()))
-    except (RuntimeError, TypeError):
-        return None
-    sparse_weight.alg_id_cusparselt = alg
-    return alg
+
+def sparse_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear on a semi-structured weight as the engine runs it: a contiguous input (the kernels need one) and a
+    row-major output (a backend that returns the transposed product as a view is copied once here, so every
+    later op, attention included, sees the layout a dense linear gives)."""
+    return F.linear(x.contiguous(), weight, bias).contiguous()
 
 
 def bucket_choice(use_sparse: dict[int, bool], tokens: int) -> bool:
@@ -182,7 +171,7 @@ class TorchSparseLinear(nn.Module):
     some bucket runs dense ("mixed"); `extra_bytes` is its memory."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, entry: LayerPlan,
-                 use_sparse: dict[int, bool] | None = None) -> None:
+                 use_sparse: dict[int, bool] | None = None, alg: int = 0) -> None:
         super().__init__()
         if not entry.sparse or entry.backend is None:
             raise ValueError(f"{entry.name}: the plan keeps this layer dense ({entry.reason})")
@@ -191,7 +180,8 @@ class TorchSparseLinear(nn.Module):
         self.use_sparse = dict(sorted((use_sparse or {1: True}).items()))
         if not any(self.use_sparse.values()):
             raise ValueError(f"{entry.name}: sparse for no token count: keep the nn.Linear instead")
-        self.weight = nn.Parameter(to_semi_structured(weight, entry.backend), requires_grad=False)
+        self.weight = nn.Parameter(to_semi_structured(weight, entry.backend, alg), requires_grad=False)
+        self.alg = alg
         mixed = not all(self.use_sparse.values())
         self.dense_weight = nn.Parameter(weight.detach().clone(), requires_grad=False) if mixed else None
         self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
@@ -203,42 +193,85 @@ class TorchSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // max(x.shape[-1], 1)
         if self.dense_weight is None or self.sparse_for(tokens):
-            return F.linear(x.contiguous(), self.weight, self.bias)
+            return sparse_linear(x, self.weight, self.bias)
         return F.linear(x, self.dense_weight, self.bias)
 
     def extra_repr(self) -> str:
         sparse = [n for n, s in self.use_sparse.items() if s]
-        return (f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, "
+        alg = f", alg={self.alg}" if self.backend == "cusparselt" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}{alg}, "
                 f"sparse_from_tokens={sparse}")
 
 
-# (shape, dtype, backend, tokens, device name) -> (dense ms, sparse ms)
-_CACHE: dict[tuple, tuple[float, float]] = {}
+# (shape, dtype, has bias, backend, device name, variant, tokens) -> median ms
+_CACHE: dict[tuple, float] = {}
 
-Timer = Callable[[str, int], float]  # timer(variant "dense" | "sparse", tokens) -> milliseconds
+# timer(tokens, variants) -> {variant: median ms per call}. Variants: "dense", and "sparse@<alg>" (the 2:4 weight
+# with cuSPARSELt algorithm id <alg>; CUTLASS has only "sparse@0"). A variant that cannot run (an algorithm id past
+# this cuSPARSELt's last one) maps to inf.
+Timer = Callable[[int, Sequence[str]], dict[str, float]]
+
+WARMUP_S = 0.2  # an idle GPU runs at a low clock: every variant runs for this long before the first sample
+ALG_CANDIDATES = 16  # cuSPARSELt algorithm ids tried; the library's own search is deprecated and drops its split-k
+
+
+def sparse_variant(alg: int) -> str:
+    return f"sparse@{alg}"
+
+
+def variant_alg(variant: str) -> int | None:
+    """The algorithm id of a "sparse@<alg>" variant; None for "dense"."""
+    return None if variant == "dense" else int(variant.partition("@")[2] or 0)
 
 
 def cuda_event_timer(weight: torch.Tensor, sparse_weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     warmup: int = 3, calls: int = 20, repeats: int = 5) -> Timer:
-    """A Timer on the GPU: `calls` back-to-back calls between two CUDA events (no synchronize per call, which
-    would blur kernels of a few microseconds), ms per call, median of `repeats`."""
+                     warmup_s: float = WARMUP_S, calls: int = 20, repeats: int = 6) -> Timer:
+    """A Timer on the GPU for what TorchSparseLinear runs: F.linear on the dense weight, `sparse_linear` on the 2:4
+    one, a [1, tokens, in] input as the model passes it. The variants run round-robin for `warmup_s`, then
+    `repeats` rounds in alternating order (ABAB.., then BA..), each `calls` back-to-back calls between two CUDA
+    events (no synchronize per call, which would blur kernels of a few microseconds); median ms per call."""
+    import time
 
-    def timer(variant: str, tokens: int) -> float:
-        w = sparse_weight if variant == "sparse" else weight
-        x = torch.randn(tokens, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    def forward(variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        alg = variant_alg(variant)
+        if alg is None:
+            return lambda x: F.linear(x, weight, bias)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            set_alg(sparse_weight, alg)
+            return sparse_linear(x, sparse_weight, bias)
+        return run
+
+    def timer(tokens: int, variants: Sequence[str]) -> dict[str, float]:
+        x = torch.randn(1, tokens, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        kept_alg = getattr(sparse_weight, "alg_id_cusparselt", 0)
+        runs: dict[str, Callable] = {}
         with torch.no_grad():
-            for _ in range(warmup):
-                F.linear(x, w, bias)
-            samples = []
-            for _ in range(repeats):
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                for _ in range(calls):
-                    F.linear(x, w, bias)
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / calls)
-        return statistics.median(samples)
+            for v in variants:
+                try:
+                    forward(v)(x)
+                    torch.cuda.synchronize()
+                    runs[v] = forward(v)
+                except RuntimeError:  # e.g. an algorithm id this cuSPARSELt does not have
+                    continue
+            t0 = time.perf_counter()
+            while runs and time.perf_counter() - t0 < warmup_s:
+                for run in runs.values():
+                    run(x)
+                torch.cuda.synchronize()
+            samples: dict[str, list[float]] = {v: [] for v in runs}
+            for r in range(repeats):
+                for v in (list(runs) if r % 2 == 0 else list(reversed(runs))):
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    run = runs[v]
+                    start.record()
+                    for _ in range(calls):
+                        run(x)
+                    end.record()
+                    end.synchronize()
+                    samples[v].append(start.elapsed_time(end) / calls)
+        set_alg(sparse_weight, kept_alg)
+        return {v: statistics.median(samples[v]) if v in samples else float("inf") for v in variants}
 
     return timer
 
@@ -246,19 +279,42 @@ def cuda_event_timer(weight: torch.Tensor, sparse_weight: torch.Tensor, bias: to
 make_timer = cuda_event_timer  # the default Timer's factory (weight, sparse weight, bias) -> Timer
 
 
+@dataclass
+class Choice:
+    """The autotune's result for one layer: the algorithm, per token bucket dense and sparse median ms, and
+    whether to go sparse there."""
+
+    dense_ms: dict[int, float]
+    sparse_ms: dict[int, float]
+    sparse: dict[int, bool]
+    alg: int = 0
+
+    @property
+    def mode(self) -> str:
+        if all(self.sparse.values()):
+            return "sparse"
+        return "mixed" if any(self.sparse.values()) else "dense"
+
+    def gain(self) -> dict[int, float]:
+        return {n: self.dense_ms[n] / self.sparse_ms[n] for n in self.sparse if 0 < self.sparse_ms[n] < float("inf")}
+
+
 def autotune(layer_or_weight: nn.Module | torch.Tensor, token_counts: Sequence[int] = TOKEN_COUNTS,
              timer: Timer | None = None, backend: str | None = None, device_name: str | None = None,
-             margin: float = MARGIN, cache: dict | None = None) -> Choice:
+             margin: float = MARGIN, cache: dict | None = None, search_alg: bool = True) -> Choice:
     """Dense vs sparse latency of one layer per token count; sparse is chosen where it is faster by `margin`.
 
     `layer_or_weight`: a TorchSparseLinear, an nn.Linear or a weight [out, in] (dtype and device as deployed).
-    `timer`: default CUDA events (needs the semi-structured weight, built here when not given); inject a
-    function (variant, tokens) -> ms to test the choice without a GPU. Results are cached per (shape, dtype,
-    backend, token count, device name), so layers of one shape are timed once per token count."""
+    cuSPARSELt (`search_alg`): algorithm ids 0..ALG_CANDIDATES-1 are timed at the largest token count; the best
+    one is then timed at every count beside algorithm 0 and kept only if the layer's plan (the faster of dense and
+    sparse per count, relative to dense) is faster with it. `timer`: default CUDA events (builds the
+    semi-structured weight when not given); inject one to test the choice without a GPU. Every timing is cached per
+    (shape, dtype, bias, backend, GPU, variant, token count), so layers of one shape are timed once."""
     cache = _CACHE if cache is None else cache
+    sparse_w = None
     if isinstance(layer_or_weight, TorchSparseLinear):
         layer = layer_or_weight
-        weight = layer.dense_weight if layer.dense_weight is not None else None
+        weight, sparse_w = layer.dense_weight, layer.weight
         backend = backend or layer.backend
         shape, dtype, bias = (layer.out_features, layer.in_features), layer.weight.dtype, layer.bias
     else:
@@ -270,22 +326,37 @@ def autotune(layer_or_weight: nn.Module | torch.Tensor, token_counts: Sequence[i
         backend = backends[0] if backends else "cusparselt"
     if device_name is None:
         device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    keys = {n: (shape, _dtype_name(dtype), backend, int(n), device_name) for n in token_counts}
-    missing = [n for n in token_counts if keys[n] not in cache]
-    if missing:
-        if timer is None:
-            if isinstance(layer_or_weight, TorchSparseLinear):
-                sparse_w = layer_or_weight.weight
-                if weight is None:  # sparse-only layer: time against its own dense form
-                    weight = sparse_w.to_dense()
-            else:
-                sparse_w = to_semi_structured(weight, backend)
-            timer = make_timer(weight.detach(), sparse_w, bias)
-        for n in missing:
-            cache[keys[n]] = (float(timer("dense", int(n))), float(timer("sparse", int(n))))
-    dense_ms = {int(n): cache[keys[n]][0] for n in token_counts}
-    sparse_ms = {int(n): cache[keys[n]][1] for n in token_counts}
-    return Choice(dense_ms, sparse_ms, {n: sparse_ms[n] < dense_ms[n] * (1 - margin) for n in dense_ms})
+    base = (shape, _dtype_name(dtype), bias is not None, backend, device_name)
+    made: list[Timer] = [timer] if timer is not None else []
+
+    def measure(tokens: int, variants: list[str]) -> dict[str, float]:
+        missing = [v for v in variants if (*base, v, tokens) not in cache]
+        if missing:
+            if not made:  # the real timer needs the semi-structured weight: built only when something is timed
+                nonlocal weight, sparse_w
+                sw = sparse_w if sparse_w is not None else to_semi_structured(weight, backend)
+                dense = weight if weight is not None else sw.to_dense()
+                made.append(make_timer(dense.detach(), sw, bias))
+            got = made[0](int(tokens), missing)
+            for v in missing:
+                cache[(*base, v, tokens)] = float(got[v])
+        return {v: cache[(*base, v, tokens)] for v in variants}
+
+    counts = [int(n) for n in token_counts]
+    algs = [0]
+    if search_alg and backend == "cusparselt":
+        searched = measure(max(counts), [sparse_variant(a) for a in range(ALG_CANDIDATES)])
+        best = min(range(ALG_CANDIDATES), key=lambda a: (searched[sparse_variant(a)], a))
+        algs = [0] if best == 0 else [0, best]
+    timed = {n: measure(n, ["dense", *(sparse_variant(a) for a in algs)]) for n in counts}
+
+    def plan_cost(alg: int) -> float:  # the dispatch plan's time relative to dense, summed over token counts
+        return sum(min(1.0, timed[n][sparse_variant(alg)] / timed[n]["dense"]) for n in counts)
+
+    alg = min(algs, key=lambda a: (plan_cost(a), a))
+    dense_ms = {n: timed[n]["dense"] for n in counts}
+    sparse_ms = {n: timed[n][sparse_variant(alg)] for n in counts}
+    return Choice(dense_ms, sparse_ms, {n: sparse_ms[n] < dense_ms[n] * (1 - margin) for n in counts}, alg)
 
 
 _measure = autotune  # to_torch_sparse's `autotune` flag shadows the function's name
@@ -300,8 +371,8 @@ def to_torch_sparse(model: nn.Module, backend: str = "auto", dtype: torch.dtype 
     refused: torch's sparse kernels are 1:2 TF32 there, not 2:4). None keeps the model's dtype, which must then be
     fp16 or bf16. `backend`: "auto" (per layer, cuSPARSELt when this GPU has it, else CUTLASS on 8.x),
     "cusparselt" or "cutlass". `autotune`: time each layer dense vs sparse per token count (`token_counts`) and
-    keep sparse only where it was faster; off: sparse for every token count. `search_alg`: cuSPARSELt's
-    algorithm search at the largest sparse token count. A layer whose conversion fails stays dense, with why."""
+    keep sparse only where it was faster; off: sparse for every token count. `search_alg`: search cuSPARSELt's
+    algorithm ids too (see `autotune`). A layer whose conversion fails stays dense, with why."""
     floating = {p.dtype for p in model.parameters() if p.is_floating_point()}
     if dtype is None:
         if floating - {torch.float16, torch.bfloat16}:
@@ -327,16 +398,17 @@ def to_torch_sparse(model: nn.Module, backend: str = "auto", dtype: torch.dtype 
             entry.sparse, entry.backend, entry.mode, entry.reason = False, None, "dense", "weight not on CUDA"
             continue
         try:
-            use = {int(n): True for n in token_counts}
+            use, alg = {int(n): True for n in token_counts}, 0
             if autotune:
-                choice = _measure(mod, token_counts, timer=timer, backend=entry.backend)
-                use, entry.gain = choice.sparse, {n: round(g, 3) for n, g in choice.gain().items()}
+                choice = _measure(mod, token_counts, timer=timer, backend=entry.backend, search_alg=search_alg)
+                use, alg, entry.gain = choice.sparse, choice.alg, {n: round(g, 3) for n, g in choice.gain().items()}
+                entry.alg = alg if entry.backend == "cusparselt" else None
                 if choice.mode == "dense":
                     entry.sparse, entry.mode = False, "dense"
                     entry.reason = f"dense faster at every token count ({entry.backend} measured)"
                     entry.backend = None
                     continue
-            new = TorchSparseLinear(mod.weight, mod.bias, entry, use)
+            new = TorchSparseLinear(mod.weight, mod.bias, entry, use, alg)
         except (RuntimeError, ValueError) as e:  # a shape / alignment / arch rule this torch adds: stay dense
             entry.sparse, entry.backend, entry.mode, entry.reason = False, None, "dense", f"conversion failed: {e}"
             continue
@@ -345,8 +417,6 @@ def to_torch_sparse(model: nn.Module, backend: str = "auto", dtype: torch.dtype 
         entry.extra_bytes = new.extra_bytes
         entry.reason = "ok" if not autotune else (f"{entry.mode}: sparse for token buckets {entry.sparse_tokens} "
                                                   f"of {sorted(new.use_sparse)} (measured dense/sparse {entry.gain})")
-        if search_alg and entry.backend == "cusparselt" and entry.sparse_tokens:
-            search_cusparselt_alg(new.weight, max(entry.sparse_tokens))
         _set_submodule(model, entry.name, new)
     return layers
 

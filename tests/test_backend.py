@@ -365,9 +365,10 @@ def test_unavailable_engine_fails_clearly(tmp_path):
 
 def test_pass_options_reach_the_solver_and_the_pass(tmp_path, monkeypatch):
     import mrp_pass.fx_pass as fx_pass
+    import mrp_pass.layer_group as layer_group
 
     solved, configs = [], []
-    real_solve, real_run = fx_pass.solve, fx_pass._run_pass
+    real_solve, real_run = layer_group.solve, fx_pass._run_pass
 
     def spy_solve(weight, hessian, sparsity, method, blocksize, percdamp, **kwargs):
         solved.append((str(sparsity), method, blocksize, percdamp, kwargs))
@@ -377,7 +378,7 @@ def test_pass_options_reach_the_solver_and_the_pass(tmp_path, monkeypatch):
         configs.append(config)
         return real_run(gm, calibration, config, **kwargs)
 
-    monkeypatch.setattr(fx_pass, "solve", spy_solve)
+    monkeypatch.setattr(layer_group, "solve", spy_solve)
     monkeypatch.setattr(fx_pass, "_run_pass", spy_run)
     options = opts(tmp_path, engine="eager", sparsity="4:8", blocksize=16, percdamp=0.05, mask_rule="sparsegpt",
                    refit_blocksize=32, swap_iters=1, device="cpu")

@@ -1,4 +1,4 @@
-"""Issue 30, items 4 and 7: bad input is refused at once with a one-line error naming the problem and the fix,
+"""Bad input is refused at once with a one-line error naming the problem and the fix,
 never after the work (bench --out), never by running on (eval --seqlen), never with a wrong hint."""
 
 import argparse

@@ -240,11 +240,11 @@ def test_pass_matches_hook_reference(method, fraction, targets):
 @pytest.mark.parametrize("targets", ["dense", "residual"])
 def test_rollback_restores_and_keep_partial_keeps(monkeypatch, targets):
     """The dense walk reads the weights the pass keeps; a failure still leaves the model as it was."""
-    import mrp_pass.fx_pass as fx_pass
+    import mrp_pass.layer_group as layer_group
 
     model = tiny_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    real, calls = fx_pass.solve, []
+    real, calls = layer_group.solve, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -252,7 +252,7 @@ def test_rollback_restores_and_keep_partial_keeps(monkeypatch, targets):
             raise RuntimeError("boom")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fx_pass, "solve", failing)
+    monkeypatch.setattr(layer_group, "solve", failing)
     with pytest.raises(RuntimeError, match="boom"):
         prune(model, windows(), method="sparsegpt", targets=targets, progress=False)
     for n, p in model.named_parameters():
@@ -311,7 +311,7 @@ def test_residual_pass_cross_validates_on_folds_of_even_and_odd_samples(monkeypa
     """Cross-validation gets each writer's moments of the even and of the odd dense samples (as the hook reference
     sums them from the tokens), and the weights follow its choice. (Which choice it makes on such moments is the
     test above; on this random model's few tokens the held-out gains are near 0 and their sign is rounding's.)"""
-    import mrp_pass.fx_pass as fx_pass
+    import mrp_pass.layer_group as layer_group
 
     folds_seen, choices = [], []
 
@@ -320,7 +320,7 @@ def test_residual_pass_cross_validates_on_folds_of_even_and_odd_samples(monkeypa
         choices.append(held_out_damping(folds))
         return choices[-1]
 
-    monkeypatch.setattr(fx_pass, "held_out_damping", spy)
+    monkeypatch.setattr(layer_group, "held_out_damping", spy)
     calib = windows(8, 32)
     ours = tiny_llama()
     report = prune(ours, calib, method="sparsegpt", targets="residual", dense_fraction=1.0, progress=False)

@@ -33,7 +33,9 @@ def test_dtype_rules():
     for backend in ("cusparselt", "cutlass"):
         assert "1:2" in torch_sparse_reason((64, 64), torch.float32, backend)
         assert torch_sparse_reason((64, 64), torch.bfloat16, backend) is None
-    assert torch_sparse_reason((32, 128), torch.int8, "cutlass") is None
+    # int8 weights convert, but the engine quantizes no activations: reported dense, as to_torch_sparse runs it
+    for backend in ("cusparselt", "cutlass"):
+        assert "activations" in torch_sparse_reason((32, 128), torch.int8, backend)
     assert torch_sparse_reason((64, 64), torch.float64, "cutlass") is not None
     assert "fp16/int8" in tensorrt_reason((64, 64), torch.float32)
     assert tensorrt_reason((64, 64), torch.int8) is None
@@ -96,6 +98,10 @@ def test_report_on_a_model():
     first = cpu.layers[0]
     assert "1:2" in first.torch_sparse and "1:2" in first.cutlass and first.tensorrt is not None
     assert cpu.counts()["torch_sparse"] == 0 and any("float16" in n for n in cpu.notes)
+    # int8: TensorRT has int8 sparse tactics; the torch-sparse engine quantizes no activations, so it reports dense
+    int8 = eligibility(model, dtype=torch.int8, capability=(9, 0))
+    assert int8.counts()["torch_sparse"] == 0 and "activations" in int8.layers[0].torch_sparse
+    assert "activations" in int8.table()
 
 
 def test_fp32_round_trip_through_the_cutlass_format_loses_2_4_values():

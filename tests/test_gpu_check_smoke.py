@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py in smoke mode (tiny sizes, CPU, kernels emulated): the GPU session's script keeps working."""
+"""benchmarks/gpu_check.py in smoke mode (tiny sizes, CPU, kernels emulated): the GPU check script keeps working."""
 
 import json
 import subprocess
@@ -27,12 +27,27 @@ def test_gpu_check_smoke_runs_every_step(tmp_path):
         assert res["numerics"]["sparse (forced)"]["argmax_agreement"] == 1.0
         kinds = {(r["kind"], r["tokens"]) for r in res["rows"]}
         assert {("prefill", 32), ("decode", 1), ("decode", 4)} <= kinds
+    comp = merged["compile"]  # the entry point: torch.compile(backend="mrp_trt") pruned and ran the model
+    assert comp["pruned_layers"] > 0 and comp["numerics"]["argmax_agreement"] > 0.9
+    assert [r["kind"] for r in comp["rows"]] == ["prefill", "decode"] and all("speedup" in r for r in comp["rows"])
     text = (tmp_path / "results.md").read_text()
     assert "SMOKE MODE" in text and "## smollm2 end to end" in text and "## Single layers" in text
     # the emulation was undone: the real module needs CUDA again
     import runtime.torch_sparse as ts
 
     assert ts.DEVICE_TYPE == "cuda" and ts.make_timer is ts.cuda_event_timer
+
+
+def test_gpu_check_step_limits_fit_its_total_budget():
+    """The limits of the shell script's steps add up to its budget (each also shrinks to what is left), so the whole
+    check ends inside the device session's time."""
+    import re
+
+    text = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
+    budget = int(re.search(r'BUDGET="\$\{MRP_GPU_CHECK_BUDGET:-(\d+)\}"', text).group(1))
+    report = int(re.search(r"^REPORT_S=(\d+)", text, re.M).group(1))
+    limits = [int(n) for n in re.findall(r"^\s*step (?!report)\w+ (\d+) ", text, re.M)]
+    assert len(limits) == 6 and sum(limits) + report <= budget <= 8 * 60
 
 
 def test_gpu_check_shell_script_parses_and_refuses_without_cuda(tmp_path):

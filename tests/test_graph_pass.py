@@ -12,7 +12,8 @@ from torch import nn
 from mrp_pass import Hessian, find_linears, is_nm_sparse, parse_sparsity, prune, prune_graph, solve
 
 transformers = pytest.importorskip("transformers")
-prune_module = importlib.import_module("mrp_pass.fx_pass")
+layer_group = importlib.import_module("mrp_pass.layer_group")
+walk_module = importlib.import_module("mrp_pass.walk")
 
 
 
@@ -285,14 +286,14 @@ def test_other_patterns_through_prune(sparsity, monkeypatch):
     """4:8, 1:4 and unstructured 50% on every pruned layer along its inputs, the report saying so, each layer's
     error below magnitude pruning's on the same Hessian, the LM head and embedding untouched."""
     sp = parse_sparsity(sparsity)
-    calls, real = [], prune_module.solve
+    calls, real = [], layer_group.solve
 
     def spy(weight, hessian, pattern, method, *args, **kwargs):  # one call per group: the layers' rows stacked
         result = real(weight, hessian, pattern, method, *args, **kwargs)
         calls.append((weight.clone(), hessian.clone(), result.weight))
         return result
 
-    monkeypatch.setattr(prune_module, "solve", spy)
+    monkeypatch.setattr(layer_group, "solve", spy)
     model = tiny_llama()
     before = linear_weights(model)
     emb = model.model.embed_tokens.weight.detach().clone()
@@ -357,13 +358,13 @@ def test_generator_calibration_is_read_once_and_equals_the_list():
 
 def test_shared_input_layers_share_one_hessian_and_one_solve(monkeypatch):
     seen = []
-    real = prune_module.solve
+    real = layer_group.solve
 
     def spy(weight, hessian, *args, **kwargs):
         seen.append((weight.shape[0], hessian))
         return real(weight, hessian, *args, **kwargs)
 
-    monkeypatch.setattr(prune_module, "solve", spy)
+    monkeypatch.setattr(layer_group, "solve", spy)
     model = tiny_llama()
     report = prune(model, windows(2), method="magnitude", progress=False)
     # one solve per input node, its rows the group's layers stacked: q 64 + k 32 + v 32, o, gate 128 + up 128, down
@@ -391,8 +392,8 @@ class TiedLinears(nn.Module):
 
 def test_tied_weight_pruned_once(monkeypatch):
     calls = []
-    real = prune_module.solve
-    monkeypatch.setattr(prune_module, "solve", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    real = layer_group.solve
+    monkeypatch.setattr(layer_group, "solve", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     torch.manual_seed(0)
     model = TiedLinears()
     report = prune(model, xs(), method="sparsegpt", progress=False)
@@ -479,13 +480,13 @@ def test_kwargs_calibration_and_bad_items():
 def test_live_values_are_freed(monkeypatch):
     """Only activations some later node still needs are held: at most a handful of per-sample values."""
     peak = []
-    real = prune_module._Walk.run_node
+    real = walk_module.Walk.run_node
 
     def spy(self, node):
         real(self, node)
         peak.append(len(self.values))
 
-    monkeypatch.setattr(prune_module._Walk, "run_node", spy)
+    monkeypatch.setattr(walk_module.Walk, "run_node", spy)
     prune(tiny_llama(), windows(2), method="magnitude", progress=False)
     assert max(peak) <= 12 < len(peak) / 10
 

@@ -1,4 +1,4 @@
-"""Issue 16: what a new user hit in a day with the tool: nothing lost, nothing misleading, clear errors."""
+"""What a new user hits first: nothing lost, nothing misleading, clear errors."""
 
 import errno
 import json

@@ -1,4 +1,4 @@
-"""Issue 7, reliability: bad options, odd models, bad calibration data, partial failures and file writes.
+"""Reliability: bad options, odd models, bad calibration data, partial failures and file writes.
 
 Every bad input must fail before any work with an error naming the value (or warn and carry on where the
 input is legal but weak), and a failed prune must leave the model bit-identical. Tiny models only (seconds)."""
@@ -21,6 +21,7 @@ from mrp_pass.cli import main
 
 transformers = pytest.importorskip("transformers")
 fx_pass = importlib.import_module("mrp_pass.fx_pass")
+layer_group = importlib.import_module("mrp_pass.layer_group")
 
 BAD_SPARSITY = ["3:2", "2:0", "0:4", "4:4", "abc", "2:4:8", "", "nan", 1.5, 0, 1, -0.5, True, None, "150%"]
 
@@ -405,7 +406,7 @@ def test_one_very_short_sample_warns_rank_deficient():
 
 
 def failing_solve(fail_at: int, exc: BaseException):
-    """fx_pass.solve that raises at its `fail_at`-th call (0-based): a failure in a later layer group."""
+    """layer_group.solve that raises at its `fail_at`-th call (0-based): a failure in a later layer group."""
     calls = []
 
     def solve_(*args, **kwargs):
@@ -421,7 +422,7 @@ def test_failure_midway_leaves_the_model_bit_identical(exc, monkeypatch):
     model = tiny_llama()
     before = state(model)
     # q,k,v (group 0) and o_proj (group 1) succeed; gate/up (group 2) fails after its first layer was written
-    monkeypatch.setattr(fx_pass, "solve", failing_solve(5, exc))
+    monkeypatch.setattr(layer_group, "solve", failing_solve(5, exc))
     with pytest.raises(type(exc)):
         prune(model, ids(), method="sparsegpt", progress=False)
     assert_bit_identical(model, before)
@@ -431,7 +432,7 @@ def test_keep_partial_keeps_what_was_pruned_and_says_so(monkeypatch):
     model = tiny_llama()
     before = state(model)
     # solves: q/k/v (one stack), o, gate/up (one stack): the third fails
-    monkeypatch.setattr(fx_pass, "solve", failing_solve(2, RuntimeError("injected")))
+    monkeypatch.setattr(layer_group, "solve", failing_solve(2, RuntimeError("injected")))
     report = prune(model, ids(), method="sparsegpt", progress=False, on_error="keep_partial")
     assert report.error is not None and "injected" in report.error and "model.layers.0.mlp.gate_proj" in report.error
     assert len(report.pruned) == 4  # q, k, v, o of layer 0
@@ -462,7 +463,7 @@ def test_non_finite_solution_is_never_written(dtype, corrupt, match, monkeypatch
         result = solve(*args, **kwargs)
         result.weight = corrupt(result.weight)
         return result
-    monkeypatch.setattr(fx_pass, "solve", corrupt_solve)
+    monkeypatch.setattr(layer_group, "solve", corrupt_solve)
     with pytest.raises(FloatingPointError, match=match):
         prune(model, xs(), progress=False)
     assert_bit_identical(model, before)
@@ -471,7 +472,7 @@ def test_non_finite_solution_is_never_written(dtype, corrupt, match, monkeypatch
 def test_linalg_error_names_the_layer(monkeypatch):
     def bad(*a, **k):
         raise torch.linalg.LinAlgError("H is not positive definite")
-    monkeypatch.setattr(fx_pass, "solve", bad)
+    monkeypatch.setattr(layer_group, "solve", bad)
     with pytest.raises(torch.linalg.LinAlgError) as e:
         prune(mlp(), xs(), progress=False)
     assert any("while solving layer 0" in n for n in e.value.__notes__)

@@ -1,4 +1,4 @@
-"""Issue 7, reliability: numerical faults (singular / indefinite / NaN Hessians, dead inputs, extreme weights),
+"""Reliability: numerical faults (singular / indefinite / NaN Hessians, dead inputs, extreme weights),
 a hypothesis fuzz of every solver, atomic file writes and loading truncated or foreign files."""
 
 import json
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from mrp_pass import METHODS, Hessian, damped_inverse, is_nm_sparse, parse_sparsity, solve
-from mrp_pass import solvers as solvers_module
+from mrp_pass import refit as refit_module
 from mrp_pass.hessian import damped_hessian
 
 
@@ -139,7 +139,7 @@ def test_extreme_weights_stay_finite_and_meet_the_pattern(method, scale):
 @pytest.mark.parametrize("scale", [1e30, 1e-30])
 @pytest.mark.parametrize("method", ["sparsegpt", "mrp-m", "mrp"])
 def test_extreme_weights_are_solved_as_well_as_ordinary_ones(method, scale):
-    """Found by this issue: w^2 overflows / underflows in float32, every score ties and the mask is arbitrary
+    """w^2 overflows / underflows in float32, every score ties and the mask is arbitrary
     (relative error 0.45 instead of 0.11 at 1e-30). The solvers are homogeneous in W, so the result must be
     the ordinary one scaled."""
     w, h = layer()
@@ -182,14 +182,14 @@ def test_solution_m_falls_back_to_float64_when_float32_cholesky_fails(monkeypatc
     ref = torch.linalg.solve(a64, w64.T).T  # Z = w_P [A_PP]^-1 (A symmetric)
     lu32 = torch.linalg.solve(a32, w64.float().T).T  # the best a float32 solve does
     calls = spy_solve(monkeypatch)
-    z = solvers_module.solve_mrp_block(w64.float(), a32, keep)
+    z = refit_module.solve_mrp_block(w64.float(), a32, keep)
     assert calls == [(torch.float64, 3)]
     assert z.dtype == torch.float32
     assert rel_err(z, ref) < 1e-6 < 1e-2 < rel_err(lu32, ref)
     res = (z.double() @ a64 - w64.float().double()).abs().max()
     assert res <= 1e-4 * (a64.abs().max() * z.double().abs().max() + w64.abs().max())
     calls.clear()
-    assert torch.allclose(solvers_module.solve_mrp_block(w64, a64, keep), ref, rtol=1e-6)  # float64 throughout
+    assert torch.allclose(refit_module.solve_mrp_block(w64, a64, keep), ref, rtol=1e-6)  # float64 throughout
     assert calls == []  # float64 input: Cholesky succeeds, no fallback
 
 
@@ -209,10 +209,10 @@ def test_solution_m_redoes_in_float64_only_the_rows_whose_residual_is_too_large(
     keep[0, :k] = False
     keep[1, k:] = False
     ref0 = torch.linalg.solve(a64[:k, :k], w64[0, :k])
-    plain = solvers_module.solve_mrp_block(w64.float(), a32, keep)  # RESIDUAL_TOL = 1e-4: no row redone
-    monkeypatch.setattr(solvers_module, "RESIDUAL_TOL", 0.0)
+    plain = refit_module.solve_mrp_block(w64.float(), a32, keep)  # RESIDUAL_TOL = 1e-4: no row redone
+    monkeypatch.setattr(refit_module, "RESIDUAL_TOL", 0.0)
     calls = spy_solve(monkeypatch)
-    z = solvers_module.solve_mrp_block(w64.float(), a32, keep)
+    z = refit_module.solve_mrp_block(w64.float(), a32, keep)
     assert calls == [(torch.float64, 1)]  # row 0 only
     assert torch.equal(z[1], plain[1]) and torch.equal(z[1, k:], (w64[1, k:] / 4).float())
     assert rel_err(z[0, :k], ref0) < 1e-6 < 1e-3 < rel_err(plain[0, :k], ref0)

@@ -1,4 +1,4 @@
-"""Layer solvers on synthetic layers with correlated inputs (issue 3)."""
+"""Layer solvers on synthetic layers with correlated inputs."""
 
 import itertools
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mrp_pass import METHODS, Hessian, is_nm_sparse, parse_sparsity, solve
-from mrp_pass.solvers import solve_mrp_block
+from mrp_pass.refit import solve_mrp_block
 
 
 def correlated_layer(rows=32, cols=64, tokens=512, seed=0):
