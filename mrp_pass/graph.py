@@ -21,6 +21,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from .config import LayerFilter, matches
+
 aten = torch.ops.aten
 
 _LINEAR_FNS = {F.linear, torch._C._nn.linear, aten.linear.default}
@@ -261,3 +263,80 @@ def feeds_output(site: LinearSite, is_site: Callable[[fx.Node], bool]) -> bool:
                 seen.add(user)
                 todo.append(user)
     return False
+
+
+def residual_operand(site: LinearSite) -> fx.Node | None:
+    """The residual stream a bias-free linear writes into (the other operand of the add its output goes straight
+    into: o_proj and down_proj of a pre-norm transformer), else None."""
+    node = site.node
+    if not output_is_product(site) or len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    if user.op != "call_function" or user.kwargs or len(user.args) != 2:
+        return None
+    if user.target not in (torch.ops.aten.add.Tensor, operator.add, torch.add):
+        return None
+    other = user.args[0] if user.args[1] is node else user.args[1]
+    return other if isinstance(other, fx.Node) and other is not node else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Choosing the layers
+
+
+def plan_layers(gm: fx.GraphModule, sites: list[LinearSite], m: int, layer_filter: LayerFilter,
+                vocab: set[int]) -> dict[LinearSite, str | None]:
+    """Skip reason (None = prune) of every site.
+
+    Default rule (no layer_filter): prune every linear except the output projection onto the
+    vocabulary, recognised as a linear whose out_features equals the row count of an embedding table
+    the graph looks up (or the model's config.vocab_size) *and* whose output reaches the graph
+    output without passing through another linear. Both conditions: an MLP's last layer (no
+    vocabulary) is pruned, and an inner layer that happens to be vocabulary-wide is pruned too.
+    Always skipped, whatever the filter: inputs not a multiple of M, weights tied to a non-linear use
+    (an embedding table shared with the LM head would be pruned with it), and the second and later
+    linears of one shared weight (the weight is pruned once, at its first use)."""
+    by_node = {s.node for s in sites}
+    uses = other_uses(gm, sites)
+    first_user: dict[tuple, LinearSite] = {}
+    plan: dict[LinearSite, str | None] = {}
+    for s in sites:
+        key = tensor_key(fetch_attr(gm, s.target))
+        if layer_filter is not None:
+            reason = None if matches(layer_filter, s.name, s.module, s.shape) else "excluded by layer_filter"
+        elif s.out_features in vocab and feeds_output(s, by_node.__contains__):
+            reason = f"output projection onto the vocabulary ({s.out_features} outputs)"
+        else:
+            reason = None
+        if reason is None and key in uses:
+            reason = f"weight tied to a non-linear use ({', '.join(sorted(set(uses[key])))})"
+        if reason is None and m and s.in_features % m:
+            reason = f"in_features {s.in_features} is not a multiple of M={m}"
+        if reason is None and key in first_user:
+            reason = f"weight shared with {first_user[key].name}, pruned there"
+        if reason is None:
+            first_user[key] = s
+        plan[s] = reason
+    return plan
+
+
+def _submodule(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def name_sites(sites: list[LinearSite], gm: fx.GraphModule, model: nn.Module | None) -> None:
+    """Name each site after the module that called it when that module owns the weight (a tied
+    weight has one path in the graph, each of its uses its own layer), and find the module a
+    layer_filter is given: the model's own one when pruning a model."""
+    for s in sites:
+        path = s.module_path
+        if model is not None and path is not None:
+            mod = _submodule(model, path)
+            if mod is not None and getattr(mod, "weight", None) is fetch_attr(gm, s.target):
+                s.name, s.module = path, mod
+                continue
+        if s.module is None:
+            mod = _submodule(model if model is not None else gm, s.name)
