@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,42 @@ def decompress_24(shape: torch.Tensor, compressed: torch.Tensor, bitmask: torch.
     out = torch.zeros(rows, cols, dtype=compressed.dtype)
     out[keep] = compressed.flatten()
     return out
+
+
+def first_bad_group(bitmask: torch.Tensor, cols: int) -> tuple[int, int, int, int] | None:
+    """(row, first input, kept count, number of bad groups) of the first group of 4 inputs whose bitmask bits do
+    not keep exactly 2, or None when all do (or the bitmask does not fit `cols`: the shape checks say so).
+    `bitmask` uint8 [rows, ceil(cols/8)], little bit order: group 2k is byte k's low nibble, 2k + 1 its high one."""
+    groups = cols // 4
+    if bitmask.dtype != torch.uint8 or bitmask.dim() != 2 or bitmask.shape[1] != (cols + 7) // 8:
+        return None
+    # per-nibble popcount in uint8 arithmetic (no int64 index tensor: 8x the bitmask's bytes on a large layer)
+    c = bitmask - ((bitmask >> 1) & 0x55)
+    c = (c & 0x33) + ((c >> 2) & 0x33)
+    kept = torch.stack([c & 15, c >> 4], dim=-1).reshape(bitmask.shape[0], -1)[:, :groups]
+    bad = kept != 2
+    if not bool(bad.any()):
+        return None
+    row, group = (int(v) for v in bad.nonzero()[0])
+    return row, 4 * group, int(kept[row, group]), int(bad.sum())
+
+
+def check_24_bitmask(bitmask: torch.Tensor, cols: int, where: str, strict: bool = False) -> bool:
+    """True when every group of 4 keeps exactly 2 (what `sparse-24-bitmask` promises: compressed-tensors' writer
+    and ours always keep 2). Otherwise warn, naming `where` and the first bad group, and return False; with
+    `strict`, raise ValueError instead. Such a mask still decompresses (the total count can match: one group
+    keeping 3 and the next 1), but it is not 2:4 and its values then land where a tampered mask says."""
+    bad = first_bad_group(bitmask, cols)
+    if bad is None:
+        return True
+    row, col, kept, count = bad
+    msg = (f"{where}: claims {FORMAT} but its bitmask is not 2:4: row {row}, inputs {col}..{col + 3} keep {kept} "
+           f"values (every group of 4 must keep exactly 2; {count} bad group{'s' if count > 1 else ''} in this "
+           "layer); the file is damaged or was edited, its values may be in the wrong places")
+    if strict:
+        raise ValueError(msg)
+    warnings.warn(msg + " (load_compressed(..., strict=True) refuses it)", RuntimeWarning, stacklevel=3)
+    return False
 
 
 def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -316,14 +353,19 @@ SparseModule = Callable[[str, torch.Tensor, torch.Tensor, tuple[int, int], "torc
 
 
 def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None,
-                    sparse_module: SparseModule | None = None) -> nn.Module:
+                    sparse_module: SparseModule | None = None, strict: bool = False) -> nn.Module:
     """Decompress a checkpoint written by save_compressed (or compressed-tensors, same format) into a model.
 
     Without `model`, a Hugging Face model is rebuilt from config.json and takes the stored tensors as they are
     (dtype included). With `model`, its tensors are overwritten in place (copied to its dtype / device).
     `sparse_module(name, values, bitmask, (rows, cols), bias)`: a module to run a compressed linear straight from
     its stored form (a sparse kernel), or None to decompress it; such weights are never made dense (the rebuilt
-    model's skeleton is not initialised, so its unused dense weights are never written, hence never resident)."""
+    model's skeleton is not initialised, so its unused dense weights are never written, hence never resident).
+
+    Every bitmask is checked to keep exactly 2 of each 4 inputs (`check_24_bitmask`): one that does not (a
+    damaged or edited file) gets a RuntimeWarning naming the layer and its first bad group, and is decompressed
+    as stored; with `strict=True` it is a ValueError instead. Bitmasks whose total does not match the stored
+    values, and shapes that do not fit, are ValueErrors either way."""
     directory = Path(directory)
     config = read_config(directory)
     sparsity = (config.get("quantization_config") or {}).get("sparsity_config") or {}
@@ -338,6 +380,9 @@ def load_compressed(directory: str | os.PathLike, model: nn.Module | None = None
         if any(p is None for p in parts):
             raise ValueError(f"{directory / WEIGHTS_FILE}: {prefix} lacks one of {', '.join(SUFFIXES)}")
         shape, values, bitmask = parts
+        dims = shape.flatten().tolist()
+        if len(dims) == 2:  # else decompress_24 / the sparse module reject the shape
+            check_24_bitmask(bitmask, int(dims[1]), f"{directory / WEIGHTS_FILE}: {prefix}", strict)
         module = None
         if sparse_module is not None:
             rows, cols = (int(v) for v in shape.flatten().tolist())

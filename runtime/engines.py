@@ -394,7 +394,7 @@ CHECKPOINT_ENGINES = ("torch", "cpu-sparse", "cpu-compiled")
 
 
 def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = None,
-         engine: str | None = None, dtype: torch.dtype | None = None) -> Engine:
+         engine: str | None = None, dtype: torch.dtype | None = None, strict: bool = False) -> Engine:
     """A callable engine for `.onnx` (onnxruntime), `.ep` / `.engine` (TensorRT), or a checkpoint directory
     (compressed 2:4 checkpoint, or a plain Hugging Face model directory as a dense baseline).
 
@@ -403,7 +403,9 @@ def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = 
     made dense; the other weights in float32) or "cpu-compiled" (a LLaMA-family checkpoint compiled ahead of time
     to a `.pt2` on the 2:4 kernel, `dtype` its value precision, default float16; compiled once into the kernel's
     cache folder, later loads reuse it). `dtype`: cast a dense checkpoint's model to it (e.g. float32 on a CPU,
-    where an fp16 checkpoint runs slowly). A `.pt2` file is the compiled CPU engine (`mrp export --format pt2`)."""
+    where an fp16 checkpoint runs slowly). `strict`: a compressed checkpoint whose bitmask is not 2:4 where it claims
+    to be is an error (default: a warning naming the layer). A `.pt2` file is the compiled CPU engine
+    (`mrp export --format pt2`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"engine {path} does not exist")
@@ -425,8 +427,8 @@ def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = 
 
         if is_compressed_checkpoint(path):
             if engine == "cpu-sparse":
-                return _cpu_sparse_checkpoint(path, device)
-            model = load_compressed(path).to(device, dtype)
+                return _cpu_sparse_checkpoint(path, device, strict)
+            model = load_compressed(path, strict=strict).to(device, dtype)
             return TorchEngine(model, device, kind="compressed checkpoint")
         if engine == "cpu-sparse":
             raise ValueError(f"{path}: engine 'cpu-sparse' runs compressed 2:4 checkpoints; write one with "
@@ -455,7 +457,7 @@ def load(path: str | os.PathLike, device: str = "cpu", providers: list | None = 
     raise ValueError(f"{path}: unknown engine kind; expected .onnx, .ep, .engine, .pt2 or a checkpoint directory")
 
 
-def _cpu_sparse_checkpoint(path: Path, device: str) -> TorchEngine:
+def _cpu_sparse_checkpoint(path: Path, device: str, strict: bool = False) -> TorchEngine:
     """A compressed checkpoint with its 2:4 linears as SparseLinear (built from values + bitmask), the rest fp32."""
     from export.compressed import load_compressed
 
@@ -472,7 +474,7 @@ def _cpu_sparse_checkpoint(path: Path, device: str) -> TorchEngine:
             dense[name] = str(e)
             return None
 
-    model = load_compressed(path, sparse_module=sparse_module)
+    model = load_compressed(path, sparse_module=sparse_module, strict=strict)
     for module in model.modules():  # dense parts in fp32 (the CPU's fast dtype); sparse values stay as stored
         if isinstance(module, SparseLinear):
             continue
