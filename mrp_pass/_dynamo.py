@@ -1,8 +1,9 @@
 """Everything the compile backend assumes about torch's private dynamo internals, in one file.
 
 Each assumption has its own test (tests/test_dynamo_internals.py), so a torch upgrade that breaks one fails
-there with its name. Tested on torch 2.13 (CI). Elsewhere the backend refuses to run with a clear message;
-MRP_TRT_UNTESTED_TORCH=1 turns that into a warning (the per-assumption tests tell whether it works).
+there with its name. Tested on every release in TESTED_TORCH (scripts/compat.sh runs these tests and the backend's
+end-to-end tests in a venv per release; CI runs them on 2.13). Elsewhere the backend refuses to run with a clear
+message; MRP_TRT_UNTESTED_TORCH=1 turns that into a warning (the per-assumption tests tell whether it works).
 
 Assumptions:
 1. `torch.compile(fn)(...)` runs inside `compile_wrapper` (torch/_dynamo/eval_frame.py), whose frame locals
@@ -29,7 +30,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-TESTED_TORCH = ((2, 13),)
+# keep in step with pyproject.toml's torch range and scripts/compat.sh's default releases
+TESTED_TORCH = ((2, 11), (2, 12), (2, 13), (2, 14), (2, 15))
 UNTESTED_ENV = "MRP_TRT_UNTESTED_TORCH"
 
 try:  # assumption 3

@@ -3,8 +3,10 @@
 `torch.export` traces `runtime.decoder.Decoder` (static KV cache, the 2:4 kernel `mrp::sparse24_linear` and the
 half / int8 head `mrp::dense_linear` inside) with the token count T and the sequence length L as symbolic
 dimensions; AOTInductor compiles it to C++ (no Python between operators: in transformers' eager loop the
-interpreter, not the weights, took most of a decode step) and packages the shared library with its weights. One
-program serves the prompt (T tokens) and every decode step (T = 1).
+interpreter, not the weights, took most of a decode step) and packages the shared library; the weights go beside
+it in the same archive as one uncompressed, 64-byte-aligned entry that loading maps into memory and hands to the
+program as its constants (no copy: resident memory never holds the weights twice). One program serves the prompt
+(T tokens) and every decode step (T = 1).
 
     path = build_pt2(model, "model.pt2", values=torch.float16)      # compile once (about a minute on 2 cores)
     lm = load_pt2("model.pt2")                                       # later: load only, no compiler
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import struct
 import time
 import zipfile
 from dataclasses import dataclass
@@ -36,13 +40,97 @@ from .dispatch import cpu_model
 from .engines import Engine
 
 META = "extra/mrp_engine.json"
-FORMAT = 1
+# not under extra/ (torch reads every file there into memory as text) nor data/ (its loader extracts those)
+WEIGHTS = "mrp/weights.bin"
+FORMAT = 2
 DEFAULT_MAX_SEQ_LEN = 1024
-# The weights as one blob beside the shared library, not in its data section (the default): there, the loaded
-# library stayed mapped and resident beside the loader's copy of the weights (SmolLM2 fp16: 757 MiB resident after
-# loading, 545 MiB this way; force_mmap_weights measured the same as the default).
+# No weights inside the shared library or in AOTInductor's own weight blob: loading either copies every weight into
+# memory the program owns, and resident memory peaked with the weights twice (SmolLM2 fp16: 749 MiB peak for
+# 545 MiB steady). The weights go in WEIGHTS instead, handed over with load_constants(user_managed=True).
 INDUCTOR = {"aot_inductor.package_constants_in_so": False,
-            "aot_inductor.package_constants_on_disk_format": "binary_blob"}
+            "aot_inductor.package_constants_on_disk_format": None}
+ALIGN = 64  # a cache line: every weight starts on one (the kernels' loads never split a line at a row's start)
+_ALIGN_EXTRA_ID = 0xD935  # the zip extra field that pads an entry's data to an alignment (as Android's zipalign)
+
+
+def _write_weights(archive: zipfile.ZipFile, name: str, tensors: dict[str, torch.Tensor],
+                   zeros: set[str]) -> dict[str, dict]:
+    """Write `tensors` as one uncompressed entry of `archive` whose data starts on an ALIGN boundary of the file,
+    each tensor on an ALIGN boundary inside it (a tensor stored under two names once); returns the layout
+    {name: {offset, dtype, shape}}. Names in `zeros` (the KV cache) are not stored: allocated zeroed at load."""
+    layout: dict[str, dict] = {}
+    first: dict[tuple, str] = {}
+    order: list[tuple[int, torch.Tensor]] = []
+    end = 0
+    for fqn, t in tensors.items():
+        entry = {"dtype": _dtype_name(t.dtype), "shape": list(t.shape)}
+        if fqn in zeros:
+            layout[fqn] = {**entry, "zeros": True}
+            continue
+        if not t.is_contiguous():
+            raise ValueError(f"constant {fqn} is not contiguous; the compiled program expects its exported layout")
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))
+        if key in first:  # a tied tensor (embedding and head): one copy
+            layout[fqn] = layout[first[key]]
+            continue
+        start = -(-end // ALIGN) * ALIGN
+        layout[fqn], first[key] = {**entry, "offset": start}, fqn
+        order.append((start, t))
+        end = start + t.numel() * t.element_size()
+    info = zipfile.ZipInfo(name, date_time=time.localtime()[:6])
+    info.compress_type, info.file_size = zipfile.ZIP_STORED, end
+    zip64 = end * 1.05 > zipfile.ZIP64_LIMIT  # as zipfile decides, which then adds its 20-byte zip64 field
+    header = 30 + len(name.encode()) + 4 + (20 if zip64 else 0)
+    pad = -(archive.start_dir + header) % ALIGN
+    info.extra = struct.pack("<HH", _ALIGN_EXTRA_ID, pad) + bytes(pad)
+    with archive.open(info, "w", force_zip64=zip64) as f:
+        written = 0
+        for start, t in order:
+            f.write(bytes(start - written))
+            f.write(t.detach().reshape(-1).view(torch.uint8).numpy().data)
+            written = start + t.numel() * t.element_size()
+    return layout
+
+
+def _entry_data(path: Path, name: str) -> tuple[int, int]:
+    """(file offset, size) of the stored entry `name`'s data, read from its local header (zip format: 30 bytes,
+    then the name and the extra field, whose lengths are at bytes 26 and 28)."""
+    with zipfile.ZipFile(path) as z:
+        info = next((i for i in z.infolist() if i.filename.endswith(name)), None)
+        if info is None or info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{path}: no stored {name} entry: not a package of this engine's format {FORMAT}")
+    with path.open("rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise ValueError(f"{path}: damaged archive (no local header for {name})")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _map_weights(path: Path, layout: dict[str, dict]) -> tuple[mmap.mmap, dict[str, torch.Tensor]]:
+    """The package's weights as tensors over a private (copy-on-write) mapping of the file: pages are read from
+    the page cache on first touch and shared with it, never copied; the KV cache entries are fresh zeros."""
+    offset, size = _entry_data(path, WEIGHTS)
+    if offset + size > path.stat().st_size:
+        raise ValueError(f"{path}: truncated ({path.stat().st_size} bytes, the weights end at {offset + size}); "
+                         "copy or build it again")
+    with path.open("rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    tensors = {}
+    for fqn, e in layout.items():
+        dtype = getattr(torch, e["dtype"])
+        numel = 1
+        for d in e["shape"]:
+            numel *= d
+        if e.get("zeros") or numel == 0:
+            tensors[fqn] = torch.zeros(e["shape"], dtype=dtype)
+            continue
+        if e["offset"] + numel * dtype.itemsize > size:
+            raise ValueError(f"{path}: weight {fqn} lies past the end of {WEIGHTS}: damaged package")
+        flat = torch.frombuffer(mapped, dtype=dtype, count=numel, offset=offset + e["offset"])
+        tensors[fqn] = flat.view(e["shape"])
+    return mapped, tensors
 
 
 def export_decoder(decoder: Decoder, batch: int = 1) -> torch.export.ExportedProgram:
@@ -92,13 +180,23 @@ def build_pt2(model: nn.Module | Decoder, path: str | os.PathLike, values: torch
         "eos_token_id": getattr(config, "eos_token_id", None), "torch": torch.__version__, "cpu": cpu_model(),
         "export_s": round(exported, 1),
     }
+    constants = {**program.state_dict, **program.constants}
+    # the KV cache: non-persistent buffers are the decoder's state, not weights (allocated zeroed at load)
+    kv_cache = {spec.target for spec in program.graph_signature.input_specs
+                if spec.kind == torch.export.graph_signature.InputKind.BUFFER and not spec.persistent}
     with atomic_files(path) as tmp:
         target = tmp / path.name
         torch._inductor.aoti_compile_and_package(program, package_path=str(target), inductor_configs=INDUCTOR)
         meta["compile_s"] = round(time.perf_counter() - start, 1)
+        # the constants the program reads (inductor drops what it folded away, e.g. the rotary inv_freq)
+        wanted = torch._inductor.aoti_load_package(str(target)).get_constant_fqns()
+        missing = sorted(set(wanted) - set(constants))
+        if missing:
+            raise RuntimeError(f"the compiled program reads constants the export does not hold: {missing[:5]}")
         with zipfile.ZipFile(target, "a") as z:
-            # inside the archive's own folder, next to its other extra files
+            # inside the archive's own folder, next to its other files
             root = next(iter(z.namelist())).split("/", 1)[0]
+            meta["weights"] = _write_weights(z, f"{root}/{WEIGHTS}", {n: constants[n] for n in wanted}, kv_cache)
             z.writestr(f"{root}/{META}", json.dumps(meta, indent=1))
     return path
 
@@ -153,8 +251,15 @@ class CompiledLM(Engine):
             raise RuntimeError(f"{self.path} was compiled with torch {self.meta.get('torch')}, this is torch "
                                f"{torch.__version__}: AOTInductor packages run on the torch that built them; rebuild "
                                "it here (mrp export --format pt2)")
+        if self.meta.get("format") != FORMAT:
+            raise RuntimeError(f"{self.path} is a package of format {self.meta.get('format')}, this engine reads "
+                               f"format {FORMAT}: rebuild it (mrp export --format pt2)")
         start = time.perf_counter()
+        self._mapped, self._constants = _map_weights(self.path, self.meta["weights"])
         self.program = torch._inductor.aoti_load_package(str(self.path))
+        # user_managed: the program keeps these tensors' pointers (no copy), so this object keeps the tensors and
+        # the mapping alive as long as the program
+        self.program.load_constants(self._constants, check_full_update=True, user_managed=True)
         self.load_s = time.perf_counter() - start
         self.vocab_size, self.max_seq_len = self.meta["vocab_size"], self.meta["max_seq_len"]
         self.provider = f"AOTInductor ({self.meta.get('values')} 2:4 values, {self.meta.get('head')} head)"

@@ -8,18 +8,12 @@ import zipfile
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rand_24
 from tiny_models import VOCAB, prune_24, tiny_llama
 
 from runtime import cpu_sparse as cs
 
 pytestmark = pytest.mark.skipif(not cs.kernel_available()[0], reason="the 2:4 kernel extension cannot build here")
-
-
-def rand24(out_f, in_f, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_f, in_f, generator=g).reshape(out_f, -1, 4)
-    keep = torch.zeros_like(w).scatter_(-1, w.abs().topk(2, dim=-1).indices, 1.0)
-    return (w * keep).reshape(out_f, in_f)
 
 
 def close(a, b, scale):
@@ -30,7 +24,7 @@ def close(a, b, scale):
 def test_int8_values_match_their_dequantized_weight(rows):
     """int8 2:4 values with per-row scales: the kernel equals F.linear on the dequantized weight, and the weight is
     the original within half a quantization step per row."""
-    w, bias = rand24(37, 132), torch.randn(37)
+    w, bias = rand_24(37, 132), torch.randn(37)
     packed = cs.pack(w, torch.int8)
     deq = cs.unpack(packed)
     step = w.abs().amax(1, keepdim=True) / 127
@@ -58,7 +52,7 @@ def test_dense_linear_matches_f_linear(dtype, rows):
 def test_dense_weight_dispatch_by_token_count():
     """With a dense copy and dense_from_rows, fewer rows run the kernel and more run the dense weight (a zeroed
     dense copy shows which ran)."""
-    w, bias = rand24(24, 64), torch.randn(24)
+    w, bias = rand_24(24, 64), torch.randn(24)
     packed = cs.pack(w)
     zero = torch.zeros(24, 64)
 
@@ -183,6 +177,39 @@ def test_pt2_refuses_other_files_and_torch(built, tmp_path, monkeypatch):
         CompiledLM(path)
 
 
+def test_pt2_weights_are_mapped_from_the_file_not_copied(built, tmp_path):
+    """The program runs on tensors over a mapping of the package itself (user-managed constants): resident memory
+    never holds the weights twice. The weights' entry is aligned; a truncated or older package is refused."""
+    import ctypes
+
+    from runtime.compiled import ALIGN, WEIGHTS, CompiledLM, _entry_data
+
+    path, _, _ = built
+    lm = CompiledLM(path)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(lm._mapped))
+    offset, size = _entry_data(path, WEIGHTS)
+    assert offset % ALIGN == 0
+    stored = {n for n, e in lm.meta["weights"].items() if not e.get("zeros")}
+    assert stored and any(e.get("zeros") for e in lm.meta["weights"].values())  # the KV cache: fresh zeros
+    for name in stored:
+        ptr = lm._constants[name].data_ptr()
+        assert base + offset <= ptr < base + offset + size and (ptr - base) % ALIGN == 0, name
+    data = path.read_bytes()
+    cut = tmp_path / "cut.pt2"
+    cut.write_bytes(data[: offset + size // 2] + data[offset + size:])  # the entry's second half lost
+    with pytest.raises(ValueError, match="truncated|damaged|not a .pt2"):
+        CompiledLM(cut)
+
+
+def test_export_pt2_cli_refuses_a_wrong_suffix_and_dtype(tiny_dir, tmp_path):
+    from mrp_pass.cli import main
+
+    assert main(["export", "--model", str(tiny_dir), "--format", "pt2", "--out", str(tmp_path / "m.bin")]) == 2
+    assert main(["export", "--model", str(tiny_dir), "--format", "pt2", "--out", str(tmp_path / "x.pt2"),
+                 "--dtype", "float64"]) == 2
+
+
+@pytest.mark.slow  # two AOTInductor compiles (minutes on 2 cores); the `built` fixture's one covers the fast tier
 def test_export_pt2_cli_and_cached_engine(tiny_dir, tmp_path, monkeypatch):
     """`mrp export --format pt2` on a pruned checkpoint, then runtime.load(dir, engine="cpu-compiled"): compiled once
     into the cache, reused by the next load, and both give the CLI package's tokens."""
@@ -196,9 +223,6 @@ def test_export_pt2_cli_and_cached_engine(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "m.pt2"
     assert main(["export", "--model", str(src), "--format", "pt2", "--out", str(out), "--dtype", "int8",
                  "--max-seq-len", "32"]) == 0
-    assert main(["export", "--model", str(src), "--format", "pt2", "--out", str(tmp_path / "m.bin")]) == 2
-    assert main(["export", "--model", str(src), "--format", "pt2", "--out", str(tmp_path / "x.pt2"),
-                 "--dtype", "float64"]) == 2
     prompt = torch.tensor([[3, 1, 4, 1, 5]])
     want = runtime.load(out).generate(prompt, 8).tokens
     monkeypatch.setenv("MRP_TRT_CACHE", str(tmp_path / "cache"))

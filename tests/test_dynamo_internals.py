@@ -39,16 +39,30 @@ def compile_and_record(fn, *args, options=None, **kwargs):
 def test_tested_version_gate(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.99.0")
     monkeypatch.delenv(_dynamo.UNTESTED_ENV, raising=False)
-    with pytest.raises(RuntimeError, match=r"tested on torch 2\.13; this is torch 2\.99\.0.*MRP_TRT_UNTESTED_TORCH"):
+    with pytest.raises(RuntimeError, match=r"tested on torch 2\.11, .*2\.15; this is torch 2\.99\.0.*MRP_TRT_UNTESTED"):
         _dynamo.check_torch_version()
     monkeypatch.setenv(_dynamo.UNTESTED_ENV, "1")
     with pytest.warns(UserWarning, match="tested on torch"):
         _dynamo.check_torch_version()
-
-
-@pytest.mark.skipif(_dynamo.torch_version() not in _dynamo.TESTED_TORCH, reason="only the tested versions")
-def test_this_torch_is_a_tested_version():
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")  # the GPU image's torch
+    monkeypatch.delenv(_dynamo.UNTESTED_ENV)
     _dynamo.check_torch_version()
+
+
+def test_the_tested_releases_are_the_ones_pyproject_and_the_compat_tier_state():
+    """pyproject.toml's torch range admits exactly the tested minor releases, and scripts/compat.sh tests each."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = re.search(r'"torch(>=[^"]+)"', (root / "pyproject.toml").read_text()).group(1)
+    low, high = re.fullmatch(r">=(\d+\.\d+),<(\d+\.\d+)", spec).groups()
+    as_tuple = [tuple(int(p) for p in v.split(".")) for v in (low, high)]
+    admitted = [(2, minor) for minor in range(as_tuple[0][1], as_tuple[1][1])]
+    assert admitted == list(_dynamo.TESTED_TORCH)
+    defaults = re.search(r"versions=\(([\d. ]+)\)", (root / "scripts" / "compat.sh").read_text()).group(1).split()
+    assert [tuple(int(p) for p in v.split(".")[:2]) for v in defaults] == list(_dynamo.TESTED_TORCH)
+    assert _dynamo.torch_version() in _dynamo.TESTED_TORCH, "this test run's torch is outside the tested range"
 
 
 def test_1_compile_wrapper_frame_holds_the_call_and_the_backend_options():
