@@ -365,14 +365,6 @@ def table_cells(entries: Sequence[dict[str, Any]]) -> list[list[str]]:
     return cells
 
 
-def markdown_table(head: Sequence[str], cells: Sequence[Sequence[str]], right: Iterable[int] = ()) -> str:
-    right = set(right)
-    lines = ["| " + " | ".join(head) + " |",
-             "|" + "|".join("---:" if i in right else "---" for i in range(len(head))) + "|"]
-    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in cells]
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------- measurement
 
 
@@ -482,7 +474,7 @@ def report(entries: list[dict], args: argparse.Namespace, protocol: dict, out: P
              f"({protocol['calib_samples']} calibration windows x {protocol['calib_seqlen']} tokens; {evaluation})")
     print(f"\n{title}\n{format_table(HEAD, cells, right=RIGHT)}")
     md = out.with_suffix(".md")
-    atomic_write_text(md, f"{title}\n\n{markdown_table(HEAD, cells, RIGHT)}\n\n"
+    atomic_write_text(md, f"{title}\n\n{format_table(HEAD, cells, right=RIGHT, markdown=True)}\n\n"
                           f"Gap closed: share of {REFERENCE}'s perplexity gap to dense closed, from the means over the "
                           f"seeds; ratios to {REFERENCE}: means of per-seed ratios. Rows: {out.name}.\n")
     png = out.with_suffix(".png")

@@ -37,10 +37,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
+from shapes import LLAMA_7B, SMOLLM2_135M
+
+from export.table import format_table
 from runtime import cpu_sparse as cs
 
-SMOL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]  # (out, in)
-LLAMA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
+SMOL_SHAPES = list(SMOLLM2_135M.linears().values())  # (out, in)
+LLAMA_SHAPES = list(LLAMA_7B.linears().values())
 ROWS = [1, 4, 16, 128]
 COLD_BYTES = 96 << 20  # per variant: together > 2x the 32 MiB L3 of the machine this was written on
 
@@ -318,58 +321,52 @@ def rss_child_main(args) -> None:
 
 
 def markdown(result: dict) -> str:
+    def table(head: list[str], rows: list[list[str]]) -> list[str]:
+        return [format_table(head, rows, markdown=True), ""]
+
     lines = []
     if "bandwidth_GBps" in result:
-        bw = result["bandwidth_GBps"]
-        lines += ["### Memory bandwidth (streaming read of 512 MiB fp32, torch .sum())", "",
-                  "| threads | GB/s |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in bw.items()] + [""]
+        lines += ["### Memory bandwidth (streaming read of 512 MiB fp32, torch .sum())", ""]
+        lines += table(["threads", "GB/s"], [[k, f"{v:.1f}"] for k, v in result["bandwidth_GBps"].items()])
     if result.get("layers"):
-        lines += ["### Per layer (cold weights; medians of interleaved repeats; ratio = dense time / sparse time)", "",
-                  "| out x in | rows | dense fp32 us | sparse fp32 us | ratio | byte limit | sparse fp16 us "
-                  "| ratio fp16 | byte limit fp16 | sparse fp32 GB/s | of bandwidth |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["layers"]:
-            lines.append(f"| {r['shape']} | {r['rows']} | {r['dense_us']:.1f} | {r['sparse_fp32_us']:.1f} | "
-                         f"{r['ratio_fp32']:.2f}x | {r['byte_limit_fp32']:.2f}x | {r['sparse_fp16_us']:.1f} | "
-                         f"{r['ratio_fp16']:.2f}x | {r['byte_limit_fp16']:.2f}x | {r['sparse_fp32_GBps']:.1f} | "
-                         f"{r.get('sparse_fp32_of_bandwidth', float('nan')):.0%} |")
-        lines.append("")
+        lines += ["### Per layer (cold weights; medians of interleaved repeats; ratio = dense time / sparse time)", ""]
+        lines += table(["out x in", "rows", "dense fp32 us", "sparse fp32 us", "ratio", "byte limit", "sparse fp16 us",
+                        "ratio fp16", "byte limit fp16", "sparse fp32 GB/s", "of bandwidth"],
+                       [[r["shape"], r["rows"], f"{r['dense_us']:.1f}", f"{r['sparse_fp32_us']:.1f}",
+                         f"{r['ratio_fp32']:.2f}x", f"{r['byte_limit_fp32']:.2f}x", f"{r['sparse_fp16_us']:.1f}",
+                         f"{r['ratio_fp16']:.2f}x", f"{r['byte_limit_fp16']:.2f}x", f"{r['sparse_fp32_GBps']:.1f}",
+                         f"{r.get('sparse_fp32_of_bandwidth', float('nan')):.0%}"] for r in result["layers"]])
     if result.get("threshold"):
-        lines += ["### Many rows: sparse kernel vs decompress + dense GEMM (hot weights)", "",
-                  "| out x in | rows | dense us | kernel us | kernel ratio | decompress+GEMM us | ratio |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['rows']} | {r['dense_us']:.1f} | {r['kernel_us']:.1f} | "
-                  f"{r['kernel_ratio']:.2f}x | {r['gemm_us']:.1f} | {r['gemm_ratio']:.2f}x |"
-                  for r in result["threshold"]]
-        lines.append("")
+        lines += ["### Many rows: sparse kernel vs decompress + dense GEMM (hot weights)", ""]
+        lines += table(["out x in", "rows", "dense us", "kernel us", "kernel ratio", "decompress+GEMM us", "ratio"],
+                       [[r["shape"], r["rows"], f"{r['dense_us']:.1f}", f"{r['kernel_us']:.1f}",
+                         f"{r['kernel_ratio']:.2f}x", f"{r['gemm_us']:.1f}", f"{r['gemm_ratio']:.2f}x"]
+                        for r in result["threshold"]])
     if result.get("scaling"):
-        lines += ["### Thread scaling, wall clock (speedup of N threads over 1: from the min / the median of 16)", "",
-                  "| out x in | rows | threads | sparse min | sparse median | dense min | dense median |",
-                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['rows']} | {r['threads']} | {r['sparse_speedup_min']:.2f}x | "
-                  f"{r['sparse_speedup_median']:.2f}x | {r['dense_speedup_min']:.2f}x | "
-                  f"{r['dense_speedup_median']:.2f}x |"
-                  for r in result["scaling"]]
-        lines.append("")
+        lines += ["### Thread scaling, wall clock (speedup of N threads over 1: from the min / the median of 16)", ""]
+        lines += table(["out x in", "rows", "threads", "sparse min", "sparse median", "dense min", "dense median"],
+                       [[r["shape"], r["rows"], r["threads"], f"{r['sparse_speedup_min']:.2f}x",
+                         f"{r['sparse_speedup_median']:.2f}x", f"{r['dense_speedup_min']:.2f}x",
+                         f"{r['dense_speedup_median']:.2f}x"] for r in result["scaling"]])
     m = result.get("model")
     if m:
-        lines += [f"### {m['model']}: {m['sparse_linears']}/{m['linears']} linears 2:4 (magnitude), batch 1, "
-                  f"{m['threads']} threads, {result['env']['clock']} clock", "",
-                  "| | dense fp32 | cpu-sparse | ratio |", "|---|---|---|---|",
-                  f"| generate {m['new_tokens']} tokens after {m['prompt_tokens']}, tok/s | {m['dense_tok_s']:.1f} | "
-                  f"{m['sparse_tok_s']:.1f} | {m['decode_ratio']:.2f}x |",
-                  f"| decode only (less the prompt forward), tok/s | {m['dense_decode_tok_s']:.1f} | "
-                  f"{m['sparse_decode_tok_s']:.1f} | {m['sparse_decode_tok_s'] / m['dense_decode_tok_s']:.2f}x |",
-                  f"| prefill 512 tokens, ms | {m['prefill_512_dense_ms']:.0f} | {m['prefill_512_sparse_ms']:.0f} | "
-                  f"{m['prefill_ratio']:.2f}x |",
-                  f"| pruned linears' weight bytes, MiB | {m['pruned_linear_weight_bytes_dense'] / 2**20:.1f} | "
-                  f"{m['pruned_linear_weight_bytes_sparse'] / 2**20:.1f} | {m['memory_ratio']:.3f}x |"]
+        rows = [[f"generate {m['new_tokens']} tokens after {m['prompt_tokens']}, tok/s", f"{m['dense_tok_s']:.1f}",
+                 f"{m['sparse_tok_s']:.1f}", f"{m['decode_ratio']:.2f}x"],
+                ["decode only (less the prompt forward), tok/s", f"{m['dense_decode_tok_s']:.1f}",
+                 f"{m['sparse_decode_tok_s']:.1f}", f"{m['sparse_decode_tok_s'] / m['dense_decode_tok_s']:.2f}x"],
+                ["prefill 512 tokens, ms", f"{m['prefill_512_dense_ms']:.0f}", f"{m['prefill_512_sparse_ms']:.0f}",
+                 f"{m['prefill_ratio']:.2f}x"],
+                ["pruned linears' weight bytes, MiB", f"{m['pruned_linear_weight_bytes_dense'] / 2**20:.1f}",
+                 f"{m['pruned_linear_weight_bytes_sparse'] / 2**20:.1f}", f"{m['memory_ratio']:.3f}x"]]
         for key, label in (("rss_built_MiB", "RSS after building (malloc_trim), MiB"),
                            ("peak_rss_MiB", "peak RSS (dense load + packing included), MiB")):
             if "rss_dense" in m:
                 d, s = m["rss_dense"][key], m["rss_sparse"][key]
-                lines.append(f"| {label} | {d:.0f} | {s:.0f} | {s / d:.2f}x |")
-        lines += ["", f"generated tokens equal: {m['tokens_equal']}", ""]
+                rows.append([label, f"{d:.0f}", f"{s:.0f}", f"{s / d:.2f}x"])
+        lines += [f"### {m['model']}: {m['sparse_linears']}/{m['linears']} linears 2:4 (magnitude), batch 1, "
+                  f"{m['threads']} threads, {result['env']['clock']} clock", ""]
+        lines += table(["", "dense fp32", "cpu-sparse", "ratio"], rows)
+        lines += [f"generated tokens equal: {m['tokens_equal']}", ""]
     return "\n".join(lines)
 
 

@@ -39,24 +39,22 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from shapes import LLAMA_7B, SMOLLM2_135M
+
 import runtime.torch_sparse as ts
 from export.eligibility import current_capability
+from export.table import format_table
 
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0,
-               max_position_embeddings=8192, rms_norm_eps=1e-5)
-LLAMA7B_4 = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=4, num_attention_heads=32,
-                 num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, rope_theta=10000.0,
-                 max_position_embeddings=8192, rms_norm_eps=1e-6)
+SMOLLM2 = SMOLLM2_135M.llama_config(tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192,
+                                     rms_norm_eps=1e-5)
+LLAMA7B_4 = {**LLAMA_7B.llama_config(tie_word_embeddings=False, rope_theta=10000.0, max_position_embeddings=8192,
+                                     rms_norm_eps=1e-6), "num_hidden_layers": 4}  # 4 of its 32 blocks: fits a GPU
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=128, tie_word_embeddings=True, max_position_embeddings=256)
 
 # weight [out, in] of each distinct linear shape
-LAYER_SHAPES = {
-    "smollm2 q/o_proj": (576, 576), "smollm2 k/v_proj": (192, 576), "smollm2 gate/up_proj": (1536, 576),
-    "smollm2 down_proj": (576, 1536), "7b q/k/v/o_proj": (4096, 4096), "7b gate/up_proj": (11008, 4096),
-    "7b down_proj": (4096, 11008),
-}
+LAYER_SHAPES = {f"{model} {name}": shape for model, s in (("smollm2", SMOLLM2_135M), ("7b", LLAMA_7B))
+                for name, shape in s.linears().items()}
 TOKENS = (1, 16, 128, 2048, 8192)
 PREFILL = (2048, 8192)
 DECODE = (1, 16, 128)
@@ -392,20 +390,19 @@ def step_report(args, out: Path) -> str:
         lines += ["Steps: " + ", ".join(steps), ""]
     layers = _load(out, "layers")
     if layers:
-        lines += ["## Single layers (median ms per call, back-to-back, CUDA events)", "",
-                  "| layer | weight | dtype | tokens | backend | dense ms | 2:4 ms | dense/2:4 "
-                  "| searched alg: dense/2:4 | rel err 2:4 | rel err dense |",
-                  "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+        rows = []
         for r in layers["rows"]:
             if "error" in r and "sparse_ms" not in r:
-                lines.append(f"| {r['shape']} | {r['weight']} | {r['dtype']} | {_fmt(r.get('tokens'))} | "
-                             f"{r.get('backend')} | {_fmt(r.get('dense_ms'))} | error: {r['error'][:80]} | | | | |")
+                rows.append([r["shape"], r["weight"], r["dtype"], _fmt(r.get("tokens")), r.get("backend"),
+                             _fmt(r.get("dense_ms")), f"error: {r['error'][:80]}", "", "", "", ""])
                 continue
-            lines.append(f"| {r['shape']} | {r['weight']} | {r['dtype']} | {r['tokens']} | {r['backend']} | "
-                         f"{_fmt(r['dense_ms'])} | {_fmt(r['sparse_ms'])} | {_fmt(r['speedup'], 2)} | "
-                         f"{_fmt(r.get('searched_speedup'), 2)} | {_fmt(r.get('rel_err'), 4)} | "
-                         f"{_fmt(r.get('dense_rel_err'), 4)} |")
-        lines.append("")
+            rows.append([r["shape"], r["weight"], r["dtype"], r["tokens"], r["backend"], _fmt(r["dense_ms"]),
+                         _fmt(r["sparse_ms"]), _fmt(r["speedup"], 2), _fmt(r.get("searched_speedup"), 2),
+                         _fmt(r.get("rel_err"), 4), _fmt(r.get("dense_rel_err"), 4)])
+        head = ["layer", "weight", "dtype", "tokens", "backend", "dense ms", "2:4 ms", "dense/2:4",
+                "searched alg: dense/2:4", "rel err 2:4", "rel err dense"]
+        lines += ["## Single layers (median ms per call, back-to-back, CUDA events)", "",
+                  format_table(head, rows, right=(3, *range(5, 11)), markdown=True), ""]
     for name in ("smollm2", "llama7b"):
         res = _load(out, name)
         if not res:
@@ -420,14 +417,10 @@ def step_report(args, out: Path) -> str:
                          f"{r['seconds']:.1f} s; logits rel err {_fmt(num.get('rel_err'), 4)}, argmax agreement "
                          f"{_fmt(num.get('argmax_agreement'), 4)}")
         lines += [f"- note: {n}" for n in res.get("notes", [])]
-        lines += ["", "| kind | batch x seqlen | part | " + " | ".join(f"{m} ms" for m in modes) + " | "
-                  + " | ".join(f"dense/{m}" for m in modes[1:]) + " |",
-                  "|---|---|---|" + "---:|" * (2 * len(modes) - 1)]
-        for r in res["rows"]:
-            lines.append(f"| {r['kind']} | {r['batch']}x{r['seqlen']} | {r['part']} | "
-                         + " | ".join(_fmt(r.get(m)) for m in modes) + " | "
-                         + " | ".join(_fmt(r.get(f"speedup {m}"), 2) for m in modes[1:]) + " |")
-        lines.append("")
+        head = ["kind", "batch x seqlen", "part", *(f"{m} ms" for m in modes), *(f"dense/{m}" for m in modes[1:])]
+        rows = [[r["kind"], f"{r['batch']}x{r['seqlen']}", r["part"], *(_fmt(r.get(m)) for m in modes),
+                 *(_fmt(r.get(f"speedup {m}"), 2) for m in modes[1:])] for r in res["rows"]]
+        lines += ["", format_table(head, rows, right=range(3, len(head)), markdown=True), ""]
     comp = _load(out, "compile")
     if comp:
         num = comp.get("numerics", {})
@@ -438,14 +431,14 @@ def step_report(args, out: Path) -> str:
                   f"{_fmt(comp.get('first_call_s'), 1)} s",
                   f"- logits vs the same pruned weights dense (eager fp16): rel err {_fmt(num.get('rel_err'), 4)}, "
                   f"argmax agreement {_fmt(num.get('argmax_agreement'), 4)}",
-                  *[f"- note: {n}" for n in comp.get("notes", []) + comp.get("graph_notes", [])], "",
-                  "| kind | batch x seqlen | dense eager fp16 ms | mrp_trt compiled ms | dense/compiled |",
-                  "|---|---|---:|---:|---:|"]
-        for r in comp["rows"]:
-            lines.append(f"| {r['kind']} | {r['batch']}x{r['seqlen']} | {_fmt(r.get('dense eager fp16'))} | "
-                         f"{_fmt(r.get('mrp_trt compiled'))} | {_fmt(r.get('speedup'), 2)} |"
-                         + (f" error: {r['error'][:80]}" if "error" in r else ""))
-        lines.append("")
+                  *[f"- note: {n}" for n in comp.get("notes", []) + comp.get("graph_notes", [])], ""]
+        # an error goes in the last cell: text after a row's closing "|" is not shown by markdown renderers
+        rows = [[r["kind"], f"{r['batch']}x{r['seqlen']}", _fmt(r.get("dense eager fp16")),
+                 _fmt(r.get("mrp_trt compiled")),
+                 _fmt(r.get("speedup"), 2) + (f" error: {r['error'][:80]}" if "error" in r else "")]
+                for r in comp["rows"]]
+        lines += [format_table(["kind", "batch x seqlen", "dense eager fp16 ms", "mrp_trt compiled ms",
+                                "dense/compiled"], rows, right=(2, 3, 4), markdown=True), ""]
     lines += ["Decode sizes: n sequences x 1 new token, no KV cache (the linears see n tokens as in decode at "
               "batch n; attention over the context is not included). Eager HF at decode sizes is mostly kernel "
               "launch overhead, so end-to-end gains there are bounded by it.", ""]

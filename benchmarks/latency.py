@@ -25,13 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere in the repo
 
+from shapes import LLAMA_7B
+
 from export import save_compressed, to_onnx
 from export.eligibility import capability_reason, current_capability
 from mrp_pass import Sparsity
 from runtime import benchmark, load
 from runtime.torch_sparse import available_backends, to_torch_sparse
 
-LAYER_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # (in_features, out_features)
+LAYER_SHAPES = list(LLAMA_7B.linears().values())  # (out_features, in_features)
 
 
 def prune_24(model: torch.nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
@@ -117,7 +119,7 @@ def layers_part(args, device: str, tmp: Path) -> list[dict]:
     if device == "cuda" and dt == torch.float32:
         print("layers: float32 has no 2:4 kernel (torch's fp32 sparse kernels are 1:2 TF32): timing dense only")
     rows = []
-    for fin, fout in LAYER_SHAPES[: args.max_shapes or None]:
+    for fout, fin in LAYER_SHAPES[: args.max_shapes or None]:
         torch.manual_seed(0)
         lin = torch.nn.Linear(fin, fout, bias=False).to(dt).to(device).eval()
         lin24 = prune_24(copy.deepcopy(lin), skip=())

@@ -37,35 +37,14 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+
+from shapes import LLAMA2_70B, LLAMA_7B, SMOLLM2_135M, Shape
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo: export.table
+
+from export.table import format_table
 
 GiB = 2**30
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-
-    @property
-    def linear_params(self) -> int:  # the pruned linears (all but lm_head)
-        head_dim = self.hidden // self.heads
-        attn = 2 * self.hidden * self.hidden + 2 * self.hidden * self.kv_heads * head_dim
-        return self.layers * (attn + 3 * self.hidden * self.intermediate)
-
-    @property
-    def layer_params(self) -> int:
-        return self.linear_params // self.layers
-
-
-SMOLLM2 = Shape("SmolLM2-135M", 576, 1536, 30, 9, 3, 49152)
-LLAMA7B = Shape("LLaMA-7B", 4096, 11008, 32, 32, 32, 32000)
-LLAMA70B = Shape("LLaMA-2-70B", 8192, 28672, 80, 64, 8, 32000)
 
 
 def ours(s: Shape, samples: int, seqlen: int, ranks: int = 1, act_bytes: int = 2, method: str = "mrp") -> dict:
@@ -93,38 +72,37 @@ def sparsegpt_reference(s: Shape, samples: int, seqlen: int) -> dict:
 
 
 def largest_fitting(budget: float, samples: int, seqlen: int, ranks: int = 1, margin: float = 0.0) -> str:
-    fits = [s.name for s in (SMOLLM2, LLAMA7B, LLAMA70B)
+    fits = [s.name for s in (SMOLLM2_135M, LLAMA_7B, LLAMA2_70B)
             if ours(s, samples, seqlen, ranks)["total"] <= budget * (1 - margin)]
     return fits[-1] if fits else "none"
 
 
 def table(samples: int = 128, seqlen: int = 2048) -> str:
-    head = (f"| model ({samples} x {seqlen} tokens, fp16) | implementation | ranks | activations | H | solver "
-            "| weights | **peak / rank** | CPU backups |")
-    lines = [head, "|" + "---|" * 9]
+    head = [f"model ({samples} x {seqlen} tokens, fp16)", "implementation", "ranks", "activations", "H", "solver",
+            "weights", "**peak / rank**", "CPU backups"]
+    rows = []
 
     def row(name, who, ranks, p):
         cells = [p[k] / GiB for k in ("activations", "H", "solver", "weights", "total")]
         cpu = f"{p['backups (CPU)'] / GiB:.1f} GiB" if "backups (CPU)" in p else "-"
-        lines.append(f"| {name} | {who} | {ranks} | " + " | ".join(f"{c:.1f}" for c in cells[:4])
-                     + f" | **{cells[4]:.1f} GiB** | {cpu} |")
+        rows.append([name, who, ranks, *(f"{c:.1f}" for c in cells[:4]), f"**{cells[4]:.1f} GiB**", cpu])
 
-    for s in (SMOLLM2, LLAMA7B, LLAMA70B):
+    for s in (SMOLLM2_135M, LLAMA_7B, LLAMA2_70B):
         for ranks in (1, 2, 8):
             row(s.name, "mrp_pass (mrp)", ranks, ours(s, samples, seqlen, ranks))
         row(s.name, "mrp_pass (sparsegpt)", 1, ours(s, samples, seqlen, 1, method="sparsegpt"))
         row(s.name, "SparseGPT llama.py", 1, sparsegpt_reference(s, samples, seqlen))
-    return "\n".join(lines)
+    return format_table(head, rows, markdown=True)
 
 
 def comm_table() -> str:
-    lines = ["| model | H all_reduce per group (largest) | all of one pass's H all_reduces | weights all_gathered |",
-             "|---|---|---|---|"]
-    for s in (SMOLLM2, LLAMA7B, LLAMA70B):
+    rows = []
+    for s in (SMOLLM2_135M, LLAMA_7B, LLAMA2_70B):
         per_layer = (3 * s.hidden**2 + s.intermediate**2) * 4  # groups: qkv, o, gate/up (hidden^2 each), down
-        lines.append(f"| {s.name} | {s.intermediate**2 * 4 / 2**20:.0f} MiB | {s.layers * per_layer / GiB:.1f} GiB "
-                     f"| {s.linear_params * 2 / GiB:.1f} GiB (fp16) |")
-    return "\n".join(lines)
+        rows.append([s.name, f"{s.intermediate**2 * 4 / 2**20:.0f} MiB", f"{s.layers * per_layer / GiB:.1f} GiB",
+                     f"{s.linear_params * 2 / GiB:.1f} GiB (fp16)"])
+    return format_table(["model", "H all_reduce per group (largest)", "all of one pass's H all_reduces",
+                         "weights all_gathered"], rows, markdown=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,10 +152,10 @@ def main() -> None:
     print()
     for on_error in ("keep_partial", "rollback"):
         m = measure(args.samples, args.seqlen, args.method, on_error)
-        model = ours(SMOLLM2, args.samples, args.seqlen, act_bytes=4, method=args.method)
+        model = ours(SMOLLM2_135M, args.samples, args.seqlen, act_bytes=4, method=args.method)
         predicted = model["activations"] + model["H"] + model["solver"]
         if on_error == "rollback":
-            predicted += SMOLLM2.linear_params * 4
+            predicted += SMOLLM2_135M.linear_params * 4
         print(f"SmolLM2-135M, fp32 on the CPU, {args.samples} x {args.seqlen} tokens, {args.method}, "
               f"on_error={on_error}: peak RSS {m['peak'] / 2**20:.0f} MiB, {m['loaded'] / 2**20:.0f} MiB after "
               f"loading: the pass added {(m['peak'] - m['loaded']) / 2**20:.0f} MiB; the model predicts "

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from .errors import add_note
+
 log = logging.getLogger(__name__)
 
 TAG = "mrp"  # in every temp name: only names with it (and a PID) are ever cleaned up
@@ -90,11 +92,6 @@ def clean_stale(directory: str | os.PathLike, max_age_hours: float = STALE_HOURS
     return removed
 
 
-def _note(error: BaseException, text: str) -> None:
-    if hasattr(error, "add_note"):
-        error.add_note(text)
-
-
 def _make_temp_dir(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(target.parent)
@@ -107,7 +104,7 @@ def _make_temp_dir(target: Path) -> Path:
 def _discard(tmp: Path, error: BaseException | None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     if tmp.exists() and error is not None:
-        _note(error, f"the temporary directory {tmp} could not be removed; delete it by hand")
+        add_note(error, f"the temporary directory {tmp} could not be removed; delete it by hand")
 
 
 @contextlib.contextmanager

@@ -10,7 +10,8 @@ fewer non-zeros keeps a zero), as compressed-tensors' decoder reshapes the value
 Every other tensor is stored dense under its own name. config.json
 carries `quantization_config = {quant_method: "compressed-tensors", sparsity_config: {format:
 "sparse-24-bitmask", sparsity_structure: "2:4", targets: ["Linear"], ignore: [linears stored dense],
-global_sparsity, registry_requires_subclass}}` (the fields compressed-tensors 0.14's Sparse24BitMaskConfig dumps).
+global_sparsity, registry_requires_subclass}, format: "dense", config_groups: {READER_GUARD: ...}}` (the
+sparsity fields compressed-tensors 0.14's Sparse24BitMaskConfig dumps; the group: see below).
 fp16 2:4 weights take 16 * 1/2 + 1 = 9 bits per element instead of 16: 9/16 = 0.5625 of dense.
 
 The rest of config.json goes through `portable_config`, so transformers 4.x and 5.x build the same model from it
@@ -18,7 +19,13 @@ The rest of config.json goes through `portable_config`, so transformers 4.x and 
 A tied output head is not stored: readers re-tie it from `tie_word_embeddings: true` (ours, transformers,
 compressed-tensors), and `load_compressed` accepts a missing tied head from any writer on that ground.
 Readers of this format: compressed-tensors <= 0.14.0.1 (so transformers 4.x, llm-compressor <= 0.10); later
-compressed-tensors releases dropped it (README, "Compressed checkpoint interop").
+compressed-tensors releases dropped it (README, "Compressed checkpoint interop"). They do not say so: transformers 5
+with compressed-tensors >= 0.15 ignores `sparsity_config`, reports every compressed weight MISSING and initialises it
+at random. So `quantization_config` also carries `READER_GUARD`: a config group that targets no module, named with
+the cause and the fix, whose `format` is "DENSE". compressed-tensors 0.14 looks formats up case-insensitively (dense:
+the group is a no-op, the load is unchanged); 0.15 and later validate a group's format against the exact
+CompressionFormat values, so from_pretrained fails at config parsing with a pydantic ValidationError whose location
+is that name.
 """
 
 from __future__ import annotations
@@ -44,6 +51,12 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 SUFFIXES = (".shape", ".compressed", ".bitmask")
 COMPRESSED_TENSORS_VERSION = "0.12.2"  # the format version whose layout this writes
+# The reader guard (module docstring): a quantization config group that targets no module. compressed-tensors 0.14
+# reads its format "DENSE" as "dense" (its registry lower-cases names); 0.15+ reject it (QuantizationScheme.format
+# became the CompressionFormat enum) with a ValidationError at config_groups.<this name>, so the name is the message.
+READER_GUARD = ("sparse-24-bitmask checkpoint: compressed-tensors >= 0.15 (transformers 5) cannot read it and would "
+                "load random weights; load it with mrp's export.load_compressed / runtime.load, or with "
+                "compressed-tensors 0.14 and transformers < 5")
 
 
 @dataclass
@@ -236,6 +249,12 @@ OUR_FILES = ("config.json", "model.safetensors", "export_report.json", "tokenize
 def save_compressed(model: nn.Module, directory: str | os.PathLike, overwrite: bool = False) -> CompressedReport:
     """Write `model` as config.json + model.safetensors, 2:4 nn.Linear weights as values + bitmask. Atomic.
 
+    Who reads the result: our `load_compressed` (and `runtime.load`, on it), under transformers 4 or 5; and
+    compressed-tensors <= 0.14.0.1 with transformers 4.x (`AutoModelForCausalLM.from_pretrained`, llm-compressor
+    <= 0.10), bit-exactly. compressed-tensors >= 0.15 dropped `sparse-24-bitmask`: with it (transformers 5),
+    from_pretrained raises a ValidationError naming `READER_GUARD` (the cause and these readers) instead of
+    silently loading random weights.
+
     An existing non-empty `directory` is replaced only with `overwrite=True`, and never when it holds files
     other than these (ValueError before any work)."""
     from safetensors.torch import save_file
@@ -282,6 +301,9 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, overwrite: b
             "registry_requires_subclass": False,  # older compressed-tensors pydantic dumps carry this key
         },
         "transform_config": {},
+        # readers that do not know sparse-24-bitmask refuse the file (READER_GUARD); 0.14 reads it unchanged
+        "format": "dense",
+        "config_groups": {READER_GUARD: {"targets": [], "format": "DENSE"}},
     }
     with atomic_dir(directory) as tmp:
         # safetensors metadata: "format": "pt" as transformers expects; aliases let us re-tie shared weights.

@@ -48,7 +48,6 @@ and the artifacts of every subgraph.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import inspect
 import json
 import logging
@@ -72,7 +71,7 @@ from runtime import graph_engines
 from runtime.graph_engines import ENGINES, GraphRecord, ShapeSpecialised, choose_engine
 
 from . import _dynamo
-from .config import PruneConfig
+from .config import REMOVED, PruneConfig
 from .sparsity import is_nm_sparse
 
 log = logging.getLogger(__name__)
@@ -158,9 +157,9 @@ class CompileOptions(PruneConfig):
                                  "calibrate on the first call's inputs")
 
     @property
-    def prune_config(self) -> PruneConfig:
-        """The pass's share of the options."""
-        return PruneConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(PruneConfig)})
+    def prune_options(self) -> dict[str, Any]:
+        """The pass's share of the options, as keyword arguments of `mrp_pass.prune`."""
+        return {name: getattr(self, name) for name in PruneConfig.option_names()}
 
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
@@ -168,7 +167,7 @@ class CompileOptions(PruneConfig):
         return out
 
 
-OPTION_NAMES = [f.name for f in dataclasses.fields(CompileOptions)]
+OPTION_NAMES = CompileOptions.option_names()
 
 
 def parse_options(options: dict | None = None, mode: str | None = None) -> CompileOptions:
@@ -182,7 +181,8 @@ def parse_options(options: dict | None = None, mode: str | None = None) -> Compi
     for key, value in options.items():
         norm = str(key).replace("-", "_").replace(" ", "_")
         if norm not in OPTION_NAMES:
-            raise OptionsError(f"mrp_trt: unknown option {key!r}; valid options: {', '.join(OPTION_NAMES)}")
+            removed = f" ({REMOVED[norm]})" if norm in REMOVED else ""
+            raise OptionsError(f"mrp_trt: unknown option {key!r}{removed}; valid options: {', '.join(OPTION_NAMES)}")
         values[norm] = value
     if mode is not None:
         values["mode"] = mode
@@ -253,11 +253,6 @@ def last_report() -> BackendReport | None:
 def report_for(model: nn.Module) -> BackendReport | None:
     """The report of ``model`` (the module given to torch.compile, or its OptimizedModule wrapper)."""
     return _REPORTS.get(getattr(model, "_orig_mod", model))
-
-
-def is_pruned(tensor: torch.Tensor) -> bool:
-    """True when ``mrp_trt`` pruned the model this parameter belongs to (it will not prune it again)."""
-    return tensor in _PRUNED
 
 
 # ----------------------------------------------------------------------------------------------
@@ -364,7 +359,7 @@ def _prune_model(call: _dynamo.CompileCall, weights: list[torch.Tensor], opts: C
                     UserWarning, stacklevel=2)
             log.info("mrp_trt: pruning %s to %s with %s on %d calibration samples", type(key).__name__,
                      opts.sparsity, opts.method, len(calibration))
-            report.prune = prune(target, calibration, config=opts.prune_config)
+            report.prune = prune(target, calibration, **opts.prune_options)
             if isinstance(target, _FunctionModule) and len(target.inner) == 1:
                 for layer in report.prune.layers:  # name layers by the model's own paths, not the wrapper's
                     layer.name = layer.name.removeprefix("inner.0.")

@@ -96,7 +96,7 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
     # every option (and the device) checked before minutes of loading
     config = PruneConfig(sparsity=args.sparsity, method=args.method, blocksize=args.blocksize, percdamp=args.percdamp,
                          mask_rule=mask_rule, device=_prune_device(args, nproc),
-                         progress=not getattr(args, "no_progress", False))
+                         progress=False if getattr(args, "no_progress", False) else None)
     extra = {k: getattr(args, k, None) for k in ("targets", "dense_fraction", "target_damping")}
     config = PruneConfig.build(config, **{k: v for k, v in extra.items() if v is not None})
     for flag, value in (("--calib-samples", args.calib_samples), ("--calib-seqlen", args.calib_seqlen)):
@@ -122,7 +122,7 @@ def cmd_prune(args: argparse.Namespace, spawned: bool = False) -> int:
     if main:
         print(f"pruning {args.model} to {args.sparsity} with {how} on {len(calib)} x {args.calib_seqlen} "
               f"calibration tokens ({on})", flush=True)
-    report = prune(model, calib, config=config)
+    report = prune(model, calib, **config.options())
     if not main:  # every rank holds the same pruned model: rank 0 writes it, once (atomically)
         ranks.agree()  # raises when rank 0 could not write
         return 0

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,15 +28,20 @@ DEFAULT_TARGETS = {"mrp": "residual"}
 DEFAULT_DENSE_FRACTION = {"residual": 0.25}
 
 
-class _Unset:
-    """The value of a shorthand argument the caller did not give (None is a value: an invalid sparsity)."""
-
-    def __repr__(self) -> str:
-        return "<config's value>"
-
-
-UNSET: Any = _Unset()
+DEFAULT_SPARSITY = "2:4"
+DEFAULT_METHOD = "mrp"
 DEFAULT_BLOCKSIZE = 128
+# Options that were removed, with what to do instead: naming them gets this, not just "unknown option".
+REMOVED = {
+    "refit": "removed: mrp always refits by conjugate gradients; the exact refit by per-row Cholesky measured the "
+             "same error at 5x the solve time (results/README.md, benchmarks/layer_solvers.py --variants)",
+    "refit_blocksize": "removed: refitting 256-column blocks measured 20% more error at 2.3x the solve time of the "
+                       "whole-row refit (results/README.md, benchmarks/layer_solvers.py --variants)",
+    "solver_dtype": "moved: pass solver_options={'dtype': torch.float64}",
+}
+# `mrp_pass.solve`'s keyword arguments that `solver_options` may set: the ones no PruneConfig field sets and the pass
+# does not set itself (`shard`: the distributed row split)
+SOLVER_OPTIONS = ("dtype",)
 
 
 def default_blocksize(sp: Sparsity) -> int:
@@ -48,13 +53,20 @@ def default_blocksize(sp: Sparsity) -> int:
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """How to prune. `sparsity` is normalised to a `Sparsity`; every field is checked in `__post_init__`.
+    """How to prune: what `mrp_pass.prune(model, calibration, sparsity, method, **options)` takes as options.
+    Every field is checked on creation; the ones left None get their default in `_choose_defaults`.
 
-    layer_filter: None (every linear but the output projection onto the vocabulary), a callable
+    sparsity: "N:M" (keep N of every M) or a pruned fraction (0.5), normalised to a `Sparsity`.
+    method: magnitude | wanda | sparsegpt | mrp-s | mrp-m | mrp. blocksize: the solvers' column block (None: 128, or
+    for N:M with M not dividing 128 the largest multiple of M below it). percdamp: H's damping, as a share of
+    mean(diag H). layer_filter: None (every linear but the output projection onto the vocabulary), a callable
     (name, module or None, [out, in] shape) -> bool, or a list of name regular expressions and module classes.
-    device: where calibration runs (None: the calibration tensors' device). on_error: "rollback" restores
-    every written weight when the pass fails, "keep_partial" keeps what was pruned. The solver options
-    (mask_rule, refit_blocksize, swap_iters, refit, solver_dtype) go to `mrp_pass.solve`; None = its default.
+    device: where calibration runs (None: the calibration tensors' device). progress: a progress bar
+    (None: one when stderr is a terminal).
+    on_error: "rollback" restores every written weight when the pass fails, "keep_partial" keeps what was pruned.
+    mask_rule (admm | sparsegpt | group | obs) and swap_iters (passes of exact mask swaps, N:M): how `mrp_pass.solve`
+    chooses the mask; None = its default. solver_options: any other keyword argument of `mrp_pass.solve` (those in
+    SOLVER_OPTIONS: `dtype`, the solve's precision, torch.float32 or torch.float64), for benchmarks and tests.
     targets: what each layer is fitted to reproduce on the calibration inputs it sees in the partly pruned model:
     "pruned" its own dense output on those inputs (SparseGPT's protocol); "dense" the output it gives in the
     dense model (asymmetric calibration: W* = W (I + G H^-1), G the moment of the inputs' drift); "residual": a
@@ -69,40 +81,54 @@ class PruneConfig:
     lambda / mean(diag H); None (default) chooses it per layer by two-fold cross-validation over the dense model's
     samples (`hessian.held_out_damping`), a number fixes it."""
 
-    sparsity: Sparsity | str | float = "2:4"
-    method: str = "mrp"
+    sparsity: Sparsity | str | float = DEFAULT_SPARSITY
+    method: str = DEFAULT_METHOD
     blocksize: int | None = None
     percdamp: float = 0.01
     layer_filter: LayerFilter = None
     device: str | torch.device | None = None
-    progress: bool = True
+    progress: bool | None = None  # None: a bar when stderr is a terminal (fx_pass._progress_bar), none in logs
     on_error: str = "rollback"
     mask_rule: str | None = None
-    refit_blocksize: int | None = None
     swap_iters: int | None = None
-    refit: str | None = None
-    solver_dtype: torch.dtype = torch.float32
     targets: str | None = None
     dense_fraction: float | None = None
     target_damping: float | None = None
+    solver_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # The fields above whose value `_choose_defaults` chose (given as None), not the caller: `build` chooses them
+    # again when other options change (a blocksize chosen for 2:3 is wrong for 2:4). Not an option.
+    defaulted: frozenset[str] = field(default=frozenset(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        # not a field (callers list the fields): which block size was chosen and why, when none was given
-        object.__setattr__(self, "_blocksize_chosen", None)
-        object.__setattr__(self, "_targets_chosen", self.targets is None)
+        self._choose_defaults()
+        self._check()
+
+    def _choose_defaults(self) -> None:
+        """Fill in every field given as None whose default depends on the others (in this order: targets on the
+        method, dense_fraction on targets, blocksize on sparsity), and record which were filled in `defaulted`.
+        Frozen: object.__setattr__ is the dataclass way of setting a field in __post_init__."""
+        chosen = {}
         if self.targets is None:
-            object.__setattr__(self, "targets", DEFAULT_TARGETS.get(self.method, "pruned"))
-        object.__setattr__(self, "_fraction_chosen", self.dense_fraction is None)
+            chosen["targets"] = DEFAULT_TARGETS.get(self.method, "pruned")
+        targets = chosen.get("targets", self.targets)
         if self.dense_fraction is None:
-            object.__setattr__(self, "dense_fraction", DEFAULT_DENSE_FRACTION.get(self.targets, 1.0))
+            chosen["dense_fraction"] = DEFAULT_DENSE_FRACTION.get(targets, 1.0)
         if self.blocksize is None:
-            sp = parse_sparsity(self.sparsity)
-            chosen = default_blocksize(sp)
-            object.__setattr__(self, "blocksize", chosen)
-            object.__setattr__(self, "_blocksize_chosen", f"blocksize {chosen} (the default)" if chosen ==
-                               DEFAULT_BLOCKSIZE else f"blocksize {chosen}: the largest multiple of M={sp.m} <= "
-                               f"{DEFAULT_BLOCKSIZE} (no blocksize given)")
-        sp = check_options(self.sparsity, self.method, self.blocksize, self.percdamp, self.mask_rule, self.refit)
+            chosen["blocksize"] = default_blocksize(parse_sparsity(self.sparsity))
+        for name, value in chosen.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "defaulted", frozenset(chosen))
+
+    def _check(self) -> None:
+        """ValueError naming the first bad value and what is allowed; normalises sparsity, device and
+        solver_options."""
+        opts = self.solver_options
+        if not isinstance(opts, Mapping) or any(k not in SOLVER_OPTIONS for k in opts):
+            raise ValueError("solver_options must be a dict of mrp_pass.solve's keyword arguments "
+                             f"{', '.join(SOLVER_OPTIONS)}, got {opts!r}")
+        object.__setattr__(self, "solver_options", dict(opts))  # a copy: the caller may change theirs later
+        sp = check_options(self.sparsity, self.method, self.blocksize, self.percdamp, self.mask_rule,
+                           opts.get("dtype", torch.float32))
         object.__setattr__(self, "sparsity", sp)
         if self.targets not in TARGETS:
             raise ValueError(f"unknown targets {self.targets!r}; choose one of {', '.join(TARGETS)}")
@@ -114,16 +140,9 @@ class PruneConfig:
             raise ValueError(f"target_damping must be None (chosen on held-out samples) or a number >= 0, got {td!r}")
         if self.on_error not in ON_ERROR:
             raise ValueError(f"unknown on_error {self.on_error!r}; choose one of {', '.join(ON_ERROR)}")
-        rb = self.refit_blocksize
-        if rb is not None and (isinstance(rb, bool) or not isinstance(rb, int) or rb <= 0
-                               or (sp.structured and rb % sp.m)):
-            raise ValueError("refit_blocksize must be None or a positive integer"
-                             + (f" multiple of M={sp.m}" if sp.structured else "") + f", got {rb!r}")
         si = self.swap_iters
         if si is not None and (isinstance(si, bool) or not isinstance(si, int) or si < 0):
             raise ValueError(f"swap_iters must be None or an integer >= 0, got {si!r}")
-        if self.solver_dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"solver_dtype must be torch.float32 or torch.float64, got {self.solver_dtype!r}")
         lf = self.layer_filter
         if lf is not None and not (callable(lf) or isinstance(lf, (str, type, list, tuple))):
             raise ValueError("layer_filter must be a callable (name, module, shape) -> bool or a list of name "
@@ -131,48 +150,62 @@ class PruneConfig:
         if self.device is not None:
             object.__setattr__(self, "device", _check_device(self.device))
 
+    @classmethod
+    def option_names(cls) -> list[str]:
+        """The options, in field order."""
+        return [f.name for f in dataclasses.fields(cls) if f.init]
+
+    @classmethod
+    def check_names(cls, names: Iterable[str]) -> None:
+        """TypeError for names that are no option: it lists the valid ones (and says what became of a removed one)."""
+        unknown = sorted(set(names) - set(cls.option_names()))
+        if unknown:
+            removed = "".join(f"; {name}: {REMOVED[name]}" for name in unknown if name in REMOVED)
+            raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {unknown}{removed}; valid: "
+                            f"{', '.join(cls.option_names())}")
+
     @property
     def blocksize_chosen(self) -> str | None:
         """When no blocksize was given: the one chosen and why; None when the caller gave it."""
-        return self._blocksize_chosen
+        if "blocksize" not in self.defaulted:
+            return None
+        if self.blocksize == DEFAULT_BLOCKSIZE:
+            return f"blocksize {DEFAULT_BLOCKSIZE} (the default)"
+        return (f"blocksize {self.blocksize}: the largest multiple of M={self.sparsity.m} <= {DEFAULT_BLOCKSIZE} "
+                "(no blocksize given)")
 
     @classmethod
     def build(cls, config: PruneConfig | None = None, **options: Any) -> PruneConfig:
         """`config` (or the defaults) with `options` replacing its fields; an unknown name is a TypeError that
-        lists the valid ones. UNSET values keep the config's."""
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise TypeError(f"unknown option{'s' if len(unknown) > 1 else ''} {unknown}; valid: {', '.join(valid)}")
-        options = {k: v for k, v in options.items() if v is not UNSET}
-        if config is not None and config.blocksize_chosen is not None and "blocksize" not in options:
-            options["blocksize"] = None  # chosen for the old sparsity: choose again for the new one
-        if config is not None and config._targets_chosen and "targets" not in options:
-            options["targets"] = None  # chosen for the old method: choose again for the new one
-        if config is not None and config._fraction_chosen and "dense_fraction" not in options:
-            options["dense_fraction"] = None  # chosen for the old targets: likewise
-        return dataclasses.replace(config, **options) if config is not None else cls(**options)
+        lists the valid ones. A value `config` chose itself is chosen again for the new options."""
+        cls.check_names(options)
+        if config is None:
+            return cls(**options)
+        again = {name: None for name in config.defaulted if name not in options}
+        return dataclasses.replace(config, **again, **options)
+
+    def options(self) -> dict[str, Any]:
+        """The options as keyword arguments of `mrp_pass.prune` / `prune_graph` (which check them again, cheaply)."""
+        return {name: getattr(self, name) for name in self.option_names()}
 
     @property
     def solver_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `mrp_pass.solve` beyond (sparsity, method, blocksize, percdamp)."""
-        kw = {k: getattr(self, k) for k in ("mask_rule", "refit_blocksize", "swap_iters", "refit")}
-        kw = {k: v for k, v in kw.items() if v is not None}
-        if self.solver_dtype != torch.float32:
-            kw["dtype"] = self.solver_dtype
-        return kw
+        kw = {k: getattr(self, k) for k in ("mask_rule", "swap_iters") if getattr(self, k) is not None}
+        return {**kw, **self.solver_options}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly values, for reports."""
-        out = {}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
+        def plain(value: Any) -> Any:
             if callable(value) and not isinstance(value, type):
-                value = getattr(value, "__name__", repr(value))
-            elif isinstance(value, (Sparsity, torch.dtype, torch.device, type)):
-                value = str(value)
-            out[f.name] = value
-        return out
+                return getattr(value, "__name__", repr(value))
+            if isinstance(value, (Sparsity, torch.dtype, torch.device, type)):
+                return str(value)
+            if isinstance(value, Mapping):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return {name: plain(value) for name, value in self.options().items()}
 
 
 def _check_device(device: str | torch.device) -> torch.device:

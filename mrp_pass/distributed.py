@@ -37,8 +37,9 @@ import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
 
+from export.errors import add_note
+
 from . import solvers
-from .errors import add_note
 
 log = logging.getLogger(__name__)
 

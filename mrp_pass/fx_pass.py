@@ -25,16 +25,18 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
+from export.errors import add_note
+
 from . import distributed
 from .calibration import as_call, graph_inputs, model_samples, to_device
 from .capture import capture, no_kv_cache, write_back
-from .config import UNSET, PruneConfig
-from .errors import add_note
+from .config import DEFAULT_METHOD, DEFAULT_SPARSITY, PruneConfig
 from .graph import LinearSite, embedding_rows, find_linears, name_sites, plan_layers
 from .layer_group import LayerFit, accumulate, deficiency, solve_layers, stack_weights, target_weight
 from .report import LayerReport, PruneReport
@@ -43,35 +45,52 @@ from .walk import PassWalks, group_key
 log = logging.getLogger(__name__)
 
 
-def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float = UNSET, method: str = UNSET, *,
-                config: PruneConfig | None = None, **options) -> PruneReport:
+OPTIONS_DOC = """Options (the fields of `PruneConfig`; an unknown name is a TypeError listing the valid ones):
+    blocksize: the solvers' column block (default 128, or the largest multiple of M below it).
+    percdamp: H's damping as a share of mean(diag H) (default 0.01).
+    layer_filter: which linears to prune: None (every one but the output projection onto the vocabulary), a
+        callable (name, module or None, [out, in] shape) -> bool, or a list of name regexes and module classes.
+    device: where calibration runs (default: the calibration tensors' device for prune_graph, the model's for
+        prune); weights stay where they are and visit it while their node runs.
+    progress: a progress bar: True / False, or None (default) for one when stderr is a terminal, so logs and
+        tests get none.
+    on_error: "rollback" (default: when the pass fails, every weight it wrote is restored bit for bit and the error
+        is raised) or "keep_partial" (the layers pruned so far stay pruned; the report's `error` says where it
+        stopped and the other layers are marked skipped).
+    mask_rule: how mrp chooses the mask: admm (default) | sparsegpt | group | obs.
+    swap_iters: passes of exact mask swaps after mrp's refit (N:M; default 0).
+    targets: what each layer is fitted to: "pruned" (its own output), "dense" (its output in the dense model) or
+        "residual" (a layer writing into a residual stream fitted to the dense model's stream); default
+        "residual" for mrp, "pruned" for the baselines.
+    dense_fraction: the share of the calibration samples the dense model runs on for "dense" / "residual"
+        (default 0.25 for "residual", 1.0 for "dense").
+    target_damping: the ridge of "residual"'s correction (default: chosen per layer on held-out samples).
+    solver_options: other keyword arguments of `mrp_pass.solve` ({"dtype": torch.float64})."""
+
+
+def prune_graph(gm: fx.GraphModule, calibration: Iterable, sparsity: str | float = DEFAULT_SPARSITY,
+                method: str = DEFAULT_METHOD, **options: Any) -> PruneReport:
     """Prune the linear layers of `gm` in place with sequential calibration; see the module docstring.
 
     calibration: items of a Tensor (one positional argument), a tuple/list (positional arguments) or a
     dict (keyword arguments) for `gm`. The tensors the linears' weights come from (get_attr targets)
-    are overwritten in place. How to prune: `config` (a PruneConfig), with `sparsity`, `method` and any
-    PruneConfig field given as a keyword (layer_filter, blocksize, percdamp, device, progress, on_error,
-    mask_rule, refit_blocksize, swap_iters, refit, solver_dtype) replacing its value. device: where calibration
-    runs (default: the calibration tensors' device); weights stay where they are and visit it while their node
-    runs. on_error: "rollback" (default: when the pass fails, every weight it wrote is restored bit for bit and
-    the error is raised) or "keep_partial" (the layers pruned so far stay pruned; the report's `error` says
-    where it stopped and the other layers are marked skipped)."""
-    config = PruneConfig.build(config, sparsity=sparsity, method=method, **options)
+    are overwritten in place. sparsity: "N:M" (keep N of every M) or a pruned fraction; method: magnitude |
+    wanda | sparsegpt | mrp-s | mrp-m | mrp."""
+    config = PruneConfig.build(sparsity=sparsity, method=method, **options)
     return _run_pass(gm, calibration, config)
 
 
-def prune(model: nn.Module, calibration: Iterable, sparsity: str | float = UNSET, method: str = UNSET, *,
-          config: PruneConfig | None = None, **options) -> PruneReport:
+def prune(model: nn.Module, calibration: Iterable, sparsity: str | float = DEFAULT_SPARSITY,
+          method: str = DEFAULT_METHOD, **options: Any) -> PruneReport:
     """Prune `model`'s linear layers in place: capture its graph on the first calibration sample, run
     prune_graph on it, and make sure the model's own parameters hold the pruned weights.
 
-    `sparsity` ("2:4" by default), `method` ("mrp") and keyword options are shorthand for a `PruneConfig`
-    (see prune_graph). The graph is specialised to the first sample's shapes, so every sample must have the
-    same shapes. Floating calibration tensors are cast to the model's dtype when all its floating weights share
-    one. Calibration runs in eval mode (every module's training flag is restored after) on `device` (default:
-    the model's device); report names are the model's module paths (parameter path minus ".weight").
-    With on_error="rollback" (the default) a failed pass leaves the model bit-identical to before."""
-    config = PruneConfig.build(config, sparsity=sparsity, method=method, **options)  # before any work
+    The graph is specialised to the first sample's shapes, so every sample must have the same shapes. Floating
+    calibration tensors are cast to the model's dtype when all its floating weights share one. Calibration runs in
+    eval mode (every module's training flag is restored after) on `device` (default: the model's device); report
+    names are the model's module paths (parameter path minus ".weight"). With on_error="rollback" (the default) a
+    failed pass leaves the model bit-identical to before. sparsity and method: as prune_graph's."""
+    config = PruneConfig.build(sparsity=sparsity, method=method, **options)  # before any work
     if any(t.device.type == "meta" for t in [*model.parameters(), *model.buffers()]):
         raise ValueError("the model has parameters on the meta device (weights not loaded): load real weights, "
                          "e.g. from_pretrained(...) without device_map='meta'")
@@ -93,6 +112,11 @@ def prune(model: nn.Module, calibration: Iterable, sparsity: str | float = UNSET
         for m, training in modes.items():
             m.training = training
     return report
+
+
+for _f in (prune_graph, prune):  # one list of the options, in both docstrings (None under python -OO)
+    if _f.__doc__:
+        _f.__doc__ += "\n\n    " + OPTIONS_DOC.replace("\n", "\n    ")
 
 
 @torch.no_grad()
@@ -168,7 +192,8 @@ def _prune_groups(walks: PassWalks, config: PruneConfig, ranks: distributed.Cont
     finished: set[LinearSite] = set()
     found: dict[str, list] = {"rank-deficient": [], "singular": []}
     where, failing = None, []
-    bar = _progress_bar(sum(map(len, walks.layer_groups.values())), config.progress and distributed.is_main(ranks))
+    bar = _progress_bar(sum(map(len, walks.layer_groups.values())),
+                        config.progress if distributed.is_main(ranks) else False)
     try:
         for index, (group, inputs) in enumerate(walks.groups()):
             names = [s.name for s in group]
@@ -264,7 +289,9 @@ def _conditioning_notes(outcome: _Outcome, percdamp: float) -> list[str]:
     return notes
 
 
-def _progress_bar(total: int, enabled: bool):
+def _progress_bar(total: int, enabled: bool | None):
+    """enabled None: a bar only when stderr is a terminal (tqdm's disable=None), so tests, CI and redirected logs
+    get no bar without every caller passing progress=False; True / False force it on / off."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="pruning", unit="layer", disable=not enabled)
+    return tqdm(total=total, desc="pruning", unit="layer", disable=None if enabled is None else not enabled)

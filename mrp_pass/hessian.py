@@ -127,7 +127,7 @@ def output_target_weight(weight: torch.Tensor, moment: torch.Tensor, hessian: to
     """W* = W + E (H + lambda I)^-1: the weight whose outputs on the pruned inputs X are closest to the targets Y
     (E = 2/N (Y - W X) X^T, H = 2/N X X^T of the same samples), the correction damped as in `dense_target_map`
     (W* = W exactly where the targets are W's own outputs). Float64 inside, `weight`'s dtype out."""
-    _, chol = damped_hessian(hessian.to(torch.float64), percdamp, inverse=False)
+    _, chol = damped_cholesky(hessian.to(torch.float64), percdamp)
     return (weight.to(torch.float64) + solve_right(moment.to(torch.float64), chol)).to(weight.dtype)
 
 
@@ -208,27 +208,39 @@ def dense_target_map(drift: torch.Tensor, hessian: torch.Tensor, percdamp: float
     along a direction the subset happens to fill (an outlier token) and the whole set hardly does, G H^-1 grows
     without bound (|W*| up to 100x |W| on SmolLM2's down projections: results/README.md).
     Float64 inside, `drift`'s dtype out; one M serves every layer of a group."""
-    _, chol = damped_hessian(hessian.to(torch.float64), percdamp, inverse=False)
+    _, chol = damped_cholesky(hessian.to(torch.float64), percdamp)
     m = solve_right(drift.to(torch.float64), chol)  # G (H + lambda I)^-1
     m.diagonal().add_(1.0)
     return m.to(drift.dtype)
 
 
 def damped_inverse(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6) -> torch.Tensor:
-    """(H + lambda I)^-1 with lambda = percdamp * mean(diag H): see `damped_hessian`."""
+    """(H + lambda I)^-1 with lambda = percdamp * mean(diag H): see `damped_hessian` and `damped_cholesky`."""
     return damped_hessian(hessian, percdamp, max_tries)[1]
 
 
-def damped_hessian(hessian: torch.Tensor, percdamp: float = 0.01, max_tries: int = 6,
-                   inverse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def damped_hessian(hessian: torch.Tensor, percdamp: float = 0.01,
+                   max_tries: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """(H + lambda I, its inverse) with lambda = percdamp * mean(diag H), found by Cholesky: solvers that use
-    both the damped H and its inverse get the same damping, escalated or not. `inverse=False` gives the lower
-    Cholesky factor L (H + lambda I = L L^T) in the inverse's place, for callers that only solve with it or use
-    the damped H alone (ADMM + CG): the inverse costs another n^3.
+    both the damped H and its inverse get the same damping, escalated or not (see `damped_cholesky`; here an
+    inverse that is not finite escalates it too)."""
+    return _damped(hessian, percdamp, max_tries, inverse=True)
+
+
+def damped_cholesky(hessian: torch.Tensor, percdamp: float = 0.01,
+                    max_tries: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H + lambda I, its lower Cholesky factor L: H + lambda I = L L^T), lambda = percdamp * mean(diag H), for
+    callers that only solve with it or use the damped H alone (ADMM + CG): `damped_hessian`'s inverse costs another
+    n^3.
 
     Dead inputs (zero diagonal: the input is always 0) get a unit diagonal so H stays invertible.
     When the factorisation fails, lambda grows tenfold (with a warning) up to `max_tries` times, then
     LinAlgError says which damping was tried last."""
+    return _damped(hessian, percdamp, max_tries, inverse=False)
+
+
+def _damped(hessian: torch.Tensor, percdamp: float, max_tries: int, inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`damped_hessian` (`inverse`) and `damped_cholesky`: one loop, so both escalate the damping alike."""
     h = hessian.clone()
     diag = h.diagonal()
     dead = diag == 0

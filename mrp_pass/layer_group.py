@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from export.errors import add_note
+
 from . import distributed
 from .config import PruneConfig
-from .errors import add_note
 from .graph import LinearSite, fetch_attr
 from .hessian import (
     DriftMoment,

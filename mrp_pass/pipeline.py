@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> dict:
     print(f"wrote {dense_report.path} ({time.perf_counter() - t:.0f}s)")
 
     t = step(f"prune to {args.sparsity} with {args.method}")
-    report = prune(model, calib, config=args.config)
+    report = prune(model, calib, **args.config.options())
     report.save_json(out / "prune_report.json")
     summary["prune_seconds"] = time.perf_counter() - t
     summary["layers_pruned"] = len(report.pruned)

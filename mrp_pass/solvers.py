@@ -30,19 +30,19 @@ from dataclasses import dataclass
 
 import torch
 
-from .hessian import damped_hessian
+from .hessian import damped_cholesky, damped_hessian
 from .refit import refit_cg, solve_mrp_block
 from .sparsity import Sparsity, parse_sparsity
 from .swaps import swap_pass
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "mrp-s", "mrp-m", "mrp")
 MASK_RULES = ("obs", "sparsegpt", "group", "admm")
-REFITS = ("cg", "exact")
 # The default `mrp`, chosen by benchmarks/layer_solvers.py on real SmolLM2 layers (numbers in the README):
 # ADMM over the whole row picks the mask, then Solution M over the whole row (the exact least-squares refit,
 # by conjugate gradients) updates every kept weight: 0.69x SparseGPT's error at 2.7x its solve time (session 8).
 # SparseGPT's sweep mask with the same refit: 0.74x at 2.0-2.3x; the group-exact mask and swap passes cost 3.4-18x.
-MRP_DEFAULT = {"mask_rule": "admm", "swap_iters": 0, "refit": "cg"}
+# Refitting by per-row Cholesky (the same error, 5x the time) or on column blocks (worse in both) was removed.
+MRP_DEFAULT = {"mask_rule": "admm", "swap_iters": 0}
 
 
 @dataclass
@@ -224,17 +224,14 @@ def solve_mrp_blocks(w: torch.Tensor, u: torch.Tensor, sp: Sparsity, blocksize: 
 
 
 def solve_mrp_whole_row(w: torch.Tensor, h: torch.Tensor, h_damped: torch.Tensor, u: torch.Tensor | None, sp: Sparsity,
-                        mask_rule: str = "admm", blocksize: int = 128, refit: str = "cg",
-                        refit_blocksize: int | None = None, swap_iters: int = 0,
+                        mask_rule: str = "admm", blocksize: int = 128, swap_iters: int = 0,
                         shard: RowShard | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MRP (the default `mrp`): the mask rule chooses the whole mask, then Solution M with P = every pruned
     weight of the row updates every kept weight. With no column frozen that is the least-squares refit
 
         x = argmin_{x_P = 0} 1/2 (x - w) H (x - w)^T,    x_K = w_K + w_P H_PK (H_KK)^-1,
 
-    solved for all rows at once by conjugate gradients (`refit="cg"`, `refit_cg`) or by per-row Cholesky of
-    [(H^-1)_PP] (`refit="exact"`: `solve_mrp_blocks` with one block as wide as the row). `refit_blocksize`
-    refits in blocks of that width instead (earlier blocks frozen: not the least-squares refit).
+    solved for all rows at once by conjugate gradients (`refit_cg`), warm-started from the mask rule's weights.
     h is the undamped H (its diagonal: Wanda's score and the dead inputs), h_damped the damped one the refit
     uses and u the upper Cholesky factor of its inverse (the sweeps; None when only ADMM and CG run).
     `swap_iters` passes of `swaps.swap_pass` (N:M only) then refine the mask. Returns (weight, keep)."""
@@ -246,11 +243,8 @@ def solve_mrp_whole_row(w: torch.Tensor, h: torch.Tensor, h_damped: torch.Tensor
         (w_start, keep), cg_iters = sparsegpt(w.clone(), u, sp, blocksize), 30
     else:  # the MRP-M sweep with this rule
         (w_start, keep), cg_iters = solve_mrp_blocks(w.clone(), u, sp, blocksize, mask_rule, exact=True), 30
-    if refit == "cg" and refit_blocksize is None:
-        x = refit_cg(w, h_damped, keep, w_start, max_iters=cg_iters, reduce_max=shard and shard.max)
-        x[:, h.diagonal() == 0] = 0  # CG leaves ~1e-9 on dead inputs, whose exact optimum is 0
-    else:
-        x, keep = solve_mrp_blocks(w.clone(), u, sp, refit_blocksize or w.shape[1], keep, exact=True)
+    x = refit_cg(w, h_damped, keep, w_start, max_iters=cg_iters, reduce_max=shard and shard.max)
+    x[:, h.diagonal() == 0] = 0  # CG leaves ~1e-9 on dead inputs, whose exact optimum is 0
     if sp.structured and swap_iters > 0:
         for _ in range(swap_iters):
             x, keep = swap_pass(w, h_damped, x, keep, sp, blocksize, reduce_max=shard and shard.max)
@@ -260,12 +254,10 @@ def solve_mrp_whole_row(w: torch.Tensor, h: torch.Tensor, h_damped: torch.Tensor
 # ----------------------------------------------------------------------------------------------
 
 
-def check_options(sparsity, method: str, blocksize: int, percdamp: float, mask_rule: str | None,
-                  refit: str | None = None) -> Sparsity:
+def check_options(sparsity: str | float | Sparsity, method: str, blocksize: int, percdamp: float,
+                  mask_rule: str | None, dtype: torch.dtype = torch.float32) -> Sparsity:
     """Validate solver options before any work; ValueError names the value and what is allowed."""
     sp = parse_sparsity(sparsity)
-    if refit is not None and refit not in REFITS:
-        raise ValueError(f"unknown refit {refit!r}; choose one of {', '.join(REFITS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if mask_rule is not None and mask_rule not in MASK_RULES:
@@ -280,26 +272,26 @@ def check_options(sparsity, method: str, blocksize: int, percdamp: float, mask_r
         )
     if not (isinstance(percdamp, (int, float)) and 0 <= percdamp < 10):
         raise ValueError(f"percdamp must be a number in [0, 10), got {percdamp!r}")
+    if dtype not in (torch.float32, torch.float64):  # float16's range and precision cannot hold H's inverse
+        raise ValueError(f"the solver's dtype must be torch.float32 or torch.float64, got {dtype!r}")
     return sp
 
 
 @torch.no_grad()
 def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | Sparsity = "2:4",
           method: str = "mrp", blocksize: int = 128, percdamp: float = 0.01, mask_rule: str | None = None,
-          refit_blocksize: int | None = None, swap_iters: int | None = None, refit: str | None = None,
-          dtype: torch.dtype = torch.float32, shard: RowShard | None = None) -> SolveResult:
+          swap_iters: int | None = None, dtype: torch.dtype = torch.float32,
+          shard: RowShard | None = None) -> SolveResult:
     """Prune one linear layer's `weight` [out, in] given `hessian` [in, in] of its inputs.
 
     method: magnitude | wanda | sparsegpt | mrp-s | mrp-m | mrp (the best MRP variant).
     mask_rule: obs | sparsegpt | group | admm (default: obs for mrp-s / mrp-m, admm for mrp);
-    refit_blocksize (mrp): block width of the final Solution M refit on the chosen mask (None = whole row,
-    the exact least-squares refit); swap_iters
-    (mrp, N:M): passes of exact-loss swap refinement of the mask before the refit; refit (mrp): "cg"
-    (conjugate gradients on the whole row, warm-started) or "exact" (batched Cholesky per row).
+    swap_iters (mrp, N:M): passes of exact-loss swap refinement of the mask after the refit.
+    dtype: the precision the solve runs in (float32 or float64).
     shard: `weight` is a share of a larger weight's rows (see `RowShard`; `mrp_pass.distributed` splits rows
     across ranks): loss and relative error are then the whole weight's.
     Returns the new weight in the input's dtype and device, the keep-mask and the layer loss."""
-    sp = check_options(sparsity, method, blocksize, percdamp, mask_rule, refit)
+    sp = check_options(sparsity, method, blocksize, percdamp, mask_rule, dtype)
     t0 = time.perf_counter()
     if weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(f"weight must be a 2-D floating tensor [out, in], got {weight.dtype} of shape "
@@ -331,10 +323,11 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
     else:
         # U (the upper Cholesky factor of H^-1) drives the sweeps; the default mrp (ADMM mask, CG refit) needs
         # neither it nor the inverse: two n^3 factorisations spared (~3 s of a SmolLM2 pass)
-        sweeps = method != "mrp" or (mask_rule or MRP_DEFAULT["mask_rule"]) != "admm" or \
-            (refit or MRP_DEFAULT["refit"]) != "cg" or refit_blocksize is not None
-        h_damped, h_inv = damped_hessian(h, percdamp, inverse=sweeps)
-        u = torch.linalg.cholesky(h_inv, upper=True) if sweeps else None
+        if method != "mrp" or (mask_rule or MRP_DEFAULT["mask_rule"]) != "admm":
+            h_damped, h_inv = damped_hessian(h, percdamp)
+            u = torch.linalg.cholesky(h_inv, upper=True)
+        else:
+            h_damped, u = damped_cholesky(h, percdamp)[0], None
         if method == "sparsegpt":
             w, keep = sparsegpt(w, u, sp, blocksize)
         elif method in ("mrp-s", "mrp-m"):
@@ -346,7 +339,6 @@ def solve(weight: torch.Tensor, hessian: torch.Tensor, sparsity: str | float | S
         else:
             w, keep = solve_mrp_whole_row(
                 w, h, h_damped, u, sp, mask_rule or MRP_DEFAULT["mask_rule"], blocksize,
-                refit or MRP_DEFAULT["refit"], refit_blocksize,
                 MRP_DEFAULT["swap_iters"] if swap_iters is None else swap_iters, shard,
             )
 

@@ -17,14 +17,15 @@ from .refit import refit_cg, solve_mrp_block
 from .sparsity import Sparsity
 
 
-def row_losses(w: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Exact per-row loss 1/2 w_P [A_PP]^-1 w_P^T of removing each row's pruned set (A = H^-1, whole row)."""
+def removal_losses(w: torch.Tensor, a: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Exact per-row loss 1/2 w_P [A_PP]^-1 w_P^T of removing each row's pruned set P from the dense row w, every
+    kept weight refit (A = H^-1, whole row): `solvers.row_losses` of the optimal change, from P alone."""
     z = solve_mrp_block(w, a, keep)
     return 0.5 * (z * w).sum(1)
 
 
 def _row_loss(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Per-row 1/2 (x - w) H (x - w)^T of candidate weights x (compare with row_losses: the same from P)."""
+    """Per-row 1/2 (x - w) H (x - w)^T of candidate weights x (`removal_losses` gives it for the optimal x)."""
     dw = x - w
     return 0.5 * ((dw @ h) * dw).sum(1)
 
@@ -55,7 +56,7 @@ def refine_swaps(w: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, sp: Spars
     # Pruned / kept column indices per row, in column order: group g owns slots [g*npr, (g+1)*npr).
     pp = torch.arange(groups * npr, device=w.device).reshape(groups, npr)
     qq = torch.arange(groups * nkp, device=w.device).reshape(groups, nkp)
-    loss = row_losses(w, a, keep)
+    loss = removal_losses(w, a, keep)
     for _ in range(iters):
         p_idx = (~keep).nonzero()[:, 1].reshape(rows, -1)
         q_idx = keep.nonzero()[:, 1].reshape(rows, -1)
@@ -81,13 +82,13 @@ def refine_swaps(w: torch.Tensor, a: torch.Tensor, keep: torch.Tensor, sp: Spars
             break
 
         new = _swap(keep, improving, p_col, q_col)
-        new_loss = row_losses(w, a, new)
+        new_loss = removal_losses(w, a, new)
         worse = (new_loss >= loss) & improving.any(1)
         if worse.any():  # fall back to the single best swap of those rows: its change is exact, so < 0
             single = torch.zeros_like(improving)
             single[worse, best.values[worse].argmin(1)] = True
             new[worse] = _swap(keep, single & improving, p_col, q_col)[worse]
-            new_loss[worse] = row_losses(w[worse], a, new[worse])
+            new_loss[worse] = removal_losses(w[worse], a, new[worse])
         worse = new_loss > loss  # rounding only: never accept an increase
         new[worse], new_loss[worse] = keep[worse], loss[worse]
         keep, loss = new, new_loss

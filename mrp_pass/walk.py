@@ -19,8 +19,9 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import map_arg
 
+from export.errors import add_note
+
 from .config import PruneConfig
-from .errors import add_note
 from .graph import LinearSite, fetch_attr, residual_operand
 
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from export.table import format_table as table
+from export.table import format_table
 from export.wrap import parse_dtype
 
 from .bench import BenchResult, benchmark
 from .engines import load
 
 
-def format_table(rows: list[dict]) -> str:
+def bench_table(rows: list[dict]) -> str:
     """One row per batch. `speedup` is dense / engine on the same engine kind (like with like); when --dense runs
     on another engine, that ratio is shown only in its own `cross-engine` column (it mixes two engines' speed)."""
     head = ["batch", "seqlen", "mean ms", "p50", "p90", "p99", "throughput", "dense mean ms", "speedup",
@@ -30,7 +30,7 @@ def format_table(rows: list[dict]) -> str:
                       f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['throughput']:.0f} {r['unit']}",
                       f"{d['mean_ms']:.2f}" if d else "-", f"{r['speedup']:.3f}x" if r.get("speedup") else "-",
                       f"{cross:.3f}x" if cross else "-"])
-    return table(head, lines, right=range(len(head)))
+    return format_table(head, lines, right=range(len(head)))
 
 
 def same_engine(engine, dense) -> bool:
@@ -123,7 +123,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             row["cross_engine_ratio"] = row.pop("speedup")
             row["speedup"] = None
         rows.append(row)
-    print(format_table(rows))
+    print(bench_table(rows))
     if dense is not None and not like:
         print(f"note: the engine runs on {engine.describe()}, --dense on {dense.describe()}: their ratio is in the "
               "'cross-engine' column (it mixes the two runtimes' speed with the sparsity's); for the speedup of "

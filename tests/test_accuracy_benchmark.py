@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from export.table import format_table
+
 _spec = importlib.util.spec_from_file_location(
     "accuracy_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy.py")
 acc = importlib.util.module_from_spec(_spec)
@@ -80,7 +82,7 @@ def test_dense_and_magnitude_reused_for_every_seed():
     assert ("4:8", "magnitude") not in es  # not run for 4:8: absent
     cells = acc.table_cells(list(es.values()))
     assert all(len(c) == len(acc.HEAD) for c in cells)
-    assert acc.markdown_table(acc.HEAD, cells, acc.RIGHT).count("\n") == len(cells) + 1
+    assert format_table(acc.HEAD, cells, right=acc.RIGHT, markdown=True).count("\n") == len(cells) + 1
 
 
 def test_plan_order_and_reuse():

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import feature_batches, linear_weights
 from tiny_models import tiny_llama
 from torch import nn
 
@@ -66,13 +67,8 @@ class Stack(nn.Module):
         return self.head(x)
 
 
-def calibration(n: int = 4, width: int = 32, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(8, width, generator=g) for _ in range(n)]
-
-
 def opts(tmp_path: Path, **kw) -> dict:
-    return {"calibration": calibration(), "output_dir": str(tmp_path), "progress": False, **kw}
+    return {"calibration": feature_batches(4, 8, 32), "output_dir": str(tmp_path), **kw}
 
 
 @pytest.fixture(autouse=True)
@@ -82,21 +78,16 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def linears(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.weight.detach() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-
-
 def compile_and_check(model: nn.Module, x: torch.Tensor, options: dict, atol: float = 1e-5) -> torch.Tensor:
     """Compile, run, and compare with an eagerly pruned copy: same weights, same outputs."""
     reference = copy.deepcopy(model)
-    prune(reference, options.get("calibration") or [x], options.get("sparsity", "2:4"), options.get("method", "mrp"),
-          progress=False)
+    prune(reference, options.get("calibration") or [x], options.get("sparsity", "2:4"), options.get("method", "mrp"))
     compiled = torch.compile(model, backend="mrp_trt", options=options)
     with torch.no_grad():
         y = compiled(x)
         expected = reference(x)
-    for name, w in linears(model).items():
-        assert torch.equal(w, linears(reference)[name]), name
+    for name, w in linear_weights(model).items():
+        assert torch.equal(w, linear_weights(reference)[name]), name
     torch.testing.assert_close(y, expected, atol=atol, rtol=1e-4)
     return y
 
@@ -112,7 +103,7 @@ def test_entry_point_without_importing_mrp_pass(tmp_path):
         "m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))\n"
         "x = torch.randn(4, 16)\n"
         f"c = torch.compile(m, backend='mrp_trt', options={{'engine': 'eager', 'output_dir': {str(tmp_path)!r}, "
-        "'calibration': [x], 'progress': False})\n"
+        "'calibration': [x]})\n"
         "c(x)\n"
         "w = m[0].weight.reshape(32, 4, 4)\n"
         "assert bool(((w != 0).sum(-1) <= 2).all())\n"
@@ -129,7 +120,7 @@ def test_mlp_on_onnxruntime_with_engine_file_and_report(tmp_path):
     model = MLP()
     x = torch.randn(5, 32)
     compile_and_check(model, x, opts(tmp_path, engine="onnxruntime"))
-    for w in linears(model).values():
+    for w in linear_weights(model).values():
         assert is_nm_sparse(w)
     report = backend.report_for(model)
     assert report is backend.last_report()
@@ -151,9 +142,9 @@ def test_tiny_llama_auto(tmp_path):
     x = torch.randint(0, 128, (2, 16), generator=g)
     reference = copy.deepcopy(model)
     # sparsegpt keeps this test quick on 2 shared cores; the MLP tests cover the default method (mrp)
-    prune(reference, calib, method="sparsegpt", progress=False)
+    prune(reference, calib, method="sparsegpt")
     compiled = torch.compile(model, backend="mrp_trt", options={"calibration": calib, "output_dir": str(tmp_path),
-                                                                "method": "sparsegpt", "progress": False})
+                                                                "method": "sparsegpt"})
     with torch.no_grad():
         logits = compiled(x).logits
         expected = reference(x).logits
@@ -162,9 +153,9 @@ def test_tiny_llama_auto(tmp_path):
     # auto on a CPU with the 2:4 kernel built: cpu-sparse, each 2:4 linear timed dense vs sparse at build
     assert report.engine == "cpu-sparse" and "no CUDA device" in report.reason
     assert len(report.pruned_layers) == 14  # 7 linears x 2 layers; lm_head (vocabulary projection) skipped
-    for name, w in linears(model).items():
+    for name, w in linear_weights(model).items():
         assert is_nm_sparse(w) == (name != "lm_head"), name
-        assert torch.equal(w, linears(reference)[name]), name
+        assert torch.equal(w, linear_weights(reference)[name]), name
     notes = [n for g in report.graphs for n in g.notes]
     assert any(n.startswith("cpu-sparse: ") and "/15 linear weights on the 2:4 kernel" in n for n in notes)
     assert not report.files
@@ -186,7 +177,7 @@ def test_engines_on_cpu(tmp_path, engine):
 def test_inductor_engine(tmp_path):
     model = nn.Sequential(nn.Linear(16, 16))
     x = torch.randn(4, 16)
-    compile_and_check(model, x, {"calibration": [x], "output_dir": str(tmp_path), "progress": False,
+    compile_and_check(model, x, {"calibration": [x], "output_dir": str(tmp_path),
                                  "engine": "inductor"})
     assert backend.report_for(model).engine == "inductor"
 
@@ -214,7 +205,7 @@ def test_graph_break_prunes_the_same_layers(tmp_path):
         model = Stack(graph_break=brk)
         compile_and_check(model, x, opts(tmp_path / str(brk)))
         report = backend.report_for(model)
-        results[brk] = (report.pruned_layers, linears(model), len(report.graphs))
+        results[brk] = (report.pruned_layers, linear_weights(model), len(report.graphs))
     assert results[True][0] == results[False][0] == ["blocks.0.up", "blocks.0.down", "blocks.1.up", "blocks.1.down",
                                                  "head"]
     assert results[True][2] >= 2 and results[False][2] == 1  # the break really split the graph
@@ -236,12 +227,12 @@ def test_recompile_does_not_prune_twice(tmp_path, monkeypatch):
     compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, engine="eager"))
     with torch.no_grad():
         compiled(torch.randn(5, 32))
-        before = {k: v.clone() for k, v in linears(model).items()}
+        before = linear_weights(model)
         compiled(torch.randn(7, 32))  # new batch size: dynamo recompiles
         compiled(torch.randn(9, 32))
     assert len(calls) == 1
     assert len(backend.report_for(model).graphs) >= 2
-    for k, v in linears(model).items():
+    for k, v in linear_weights(model).items():
         assert torch.equal(v, before[k])
 
 
@@ -250,21 +241,21 @@ def test_two_instances_get_their_own_weights(tmp_path):
     pruned on b's own calibration set, never a's."""
     a, b = MLP(seed=0), MLP(seed=1)
     ref_a, ref_b = copy.deepcopy(a), copy.deepcopy(b)
-    calib_a, calib_b = calibration(seed=1), calibration(seed=2)
-    prune(ref_a, calib_a, progress=False)
-    prune(ref_b, calib_b, progress=False)
+    calib_a, calib_b = feature_batches(4, 8, 32, seed=1), feature_batches(4, 8, 32, seed=2)
+    prune(ref_a, calib_a)
+    prune(ref_b, calib_b)
     ca = torch.compile(a, backend="mrp_trt", options={"calibration": calib_a, "output_dir": str(tmp_path / "a"),
-                                                     "progress": False, "engine": "eager"})
+                                                     "engine": "eager"})
     cb = torch.compile(b, backend="mrp_trt", options={"calibration": calib_b, "output_dir": str(tmp_path / "b"),
-                                                     "progress": False, "engine": "eager"})
+                                                     "engine": "eager"})
     x = torch.randn(5, 32)
     with torch.no_grad():
         ya, yb, ya2 = ca(x), cb(x), ca(x)
         torch.testing.assert_close(ya, ref_a(x), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(yb, ref_b(x), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(ya2, ya, atol=0, rtol=0)
-    for name, w in linears(b).items():
-        assert torch.equal(w, linears(ref_b)[name]), name
+    for name, w in linear_weights(b).items():
+        assert torch.equal(w, linear_weights(ref_b)[name]), name
     assert backend.report_for(a) is not backend.report_for(b)
     assert (tmp_path / "b" / "report.json").is_file()
 
@@ -283,8 +274,8 @@ def test_weights_modified_in_place_rebuild_the_engine(tmp_path):
 def test_compiled_function_reading_a_global_model(tmp_path):
     model = MLP()
     reference = copy.deepcopy(model)
-    calib = calibration()
-    prune(reference, calib, progress=False)
+    calib = feature_batches(4, 8, 32)
+    prune(reference, calib)
 
     def run(x):
         return model(x) * 2
@@ -304,9 +295,8 @@ def test_calibration_absent_warns_and_uses_the_first_call(tmp_path):
     model = MLP()
     x = torch.randn(6, 32)
     reference = copy.deepcopy(model)
-    prune(reference, [x], progress=False)
-    compiled = torch.compile(model, backend="mrp_trt", options={"output_dir": str(tmp_path), "engine": "eager",
-                                                                "progress": False})
+    prune(reference, [x])
+    compiled = torch.compile(model, backend="mrp_trt", options={"output_dir": str(tmp_path), "engine": "eager"})
     with pytest.warns(UserWarning, match="inputs of this first call of MLP are the calibration set"), torch.no_grad():
         y = compiled(x)
     torch.testing.assert_close(y, reference(x), atol=1e-5, rtol=1e-4)
@@ -325,12 +315,12 @@ def test_calibration_absent_warns_and_uses_the_first_call(tmp_path):
 ])
 def test_bad_options_fail_clearly_at_compile_time(tmp_path, options, message):
     model = MLP()
-    before = {k: v.clone() for k, v in linears(model).items()}
+    before = linear_weights(model)
     compiled = torch.compile(model, backend="mrp_trt", options={"output_dir": str(tmp_path), **options})
     with pytest.raises(ValueError, match=message) as info:
         compiled(torch.randn(5, 32))
     assert isinstance(info.value, OptionsError)  # not wrapped in dynamo's BackendCompilerFailed
-    assert all(torch.equal(v, before[k]) for k, v in linears(model).items())  # nothing pruned
+    assert all(torch.equal(v, before[k]) for k, v in linear_weights(model).items())  # nothing pruned
 
 
 def test_option_spellings_and_mode():
@@ -381,11 +371,11 @@ def test_pass_options_reach_the_solver_and_the_pass(tmp_path, monkeypatch):
     monkeypatch.setattr(layer_group, "solve", spy_solve)
     monkeypatch.setattr(fx_pass, "_run_pass", spy_run)
     options = opts(tmp_path, engine="eager", sparsity="4:8", blocksize=16, percdamp=0.05, mask_rule="sparsegpt",
-                   refit_blocksize=32, swap_iters=1, device="cpu")
+                   swap_iters=1, solver_options={"dtype": torch.float64}, device="cpu")
     with torch.no_grad():
         torch.compile(MLP(), backend="mrp_trt", options=options)(torch.randn(5, 32))
     assert len(solved) == 3
-    assert all(s == ("4:8", "mrp", 16, 0.05, {"mask_rule": "sparsegpt", "refit_blocksize": 32, "swap_iters": 1})
+    assert all(s == ("4:8", "mrp", 16, 0.05, {"mask_rule": "sparsegpt", "swap_iters": 1, "dtype": torch.float64})
                for s in solved), solved
     assert [c.device for c in configs] == [torch.device("cpu")]
 
@@ -415,15 +405,15 @@ def test_a_model_pruned_before_is_kept_not_pruned_again(tmp_path, monkeypatch):
     import mrp_pass.fx_pass as fx_pass
 
     model = MLP()
-    prune(model, calibration(), progress=False)
-    before = {k: v.clone() for k, v in linears(model).items()}
+    prune(model, feature_batches(4, 8, 32))
+    before = linear_weights(model)
     calls = []
     monkeypatch.setattr(fx_pass, "_run_pass", lambda *a, **k: calls.append(a))
     compiled = torch.compile(model, backend="mrp_trt", options=opts(tmp_path, engine="eager"))
     x = torch.randn(5, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x))
-    assert calls == [] and all(torch.equal(v, before[k]) for k, v in linears(model).items())
+    assert calls == [] and all(torch.equal(v, before[k]) for k, v in linear_weights(model).items())
     assert any("already follow the 2:4 pattern" in n for n in backend.report_for(model).notes)
 
 

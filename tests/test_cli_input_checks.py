@@ -2,10 +2,12 @@
 never after the work (bench --out), never by running on (eval --seqlen), never with a wrong hint."""
 
 import argparse
+import time
 import types
 
 import pytest
 import torch
+from helpers import export_args
 
 from mrp_pass.cli import main
 
@@ -189,3 +191,104 @@ def test_export_compressed_prints_the_cpu_sparse_hint(tiny_dir, tmp_path, capsys
     out = capsys.readouterr().out
     assert "everything runs dense" not in out
     assert 'engine="cpu-sparse"' in out and "mrp export --format pt2" in out, out
+
+
+# ---- options: a block size that fits N:M, argparse errors naming the flag
+
+
+def test_sparsity_2_3_chooses_a_compatible_blocksize_everywhere():
+    from mrp_pass.config import PruneConfig
+
+    config = PruneConfig(sparsity="2:3")
+    assert config.blocksize == 126 and "largest multiple of M=3" in config.blocksize_chosen
+    assert PruneConfig.build(config, sparsity="2:4").blocksize == 128  # chosen again for the new sparsity
+    with pytest.raises(ValueError, match=r"e\.g\. 126"):
+        PruneConfig(sparsity="2:3", blocksize=128)  # given: kept, and the error names the fix
+
+
+def test_prune_cli_2_3_runs_and_states_the_blocksize(tiny_dir, tmp_path, capsys):
+    assert main(["prune", "--model", str(tiny_dir), "--method", "sparsegpt", "--sparsity", "2:3", "--calib-samples",
+                 "2", "--calib-seqlen", "16", "--out", str(tmp_path / "p"), "--device", "cpu", "--no-progress"]) == 0
+    assert "blocksize 126" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "--seqlen", "0"], "--seqlen"),
+    (["eval", "--windows", "0"], "--windows"),
+    (["bench", "--engine", "x.onnx", "--seqlen", "0"], "--seqlen"),
+    (["bench", "--engine", "x.onnx", "--batch", "a"], "--batch"),
+    (["bench", "--engine", "x.onnx", "--batch", "1,,2"], "--batch"),
+    (["prune", "--out", "o", "--calib-samples", "-1"], "--calib-samples"),
+])
+def test_bad_numbers_are_argparse_errors_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "Traceback" not in err, err
+
+
+def test_help_lists_only_real_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "`run`" not in out and "mrp_pass.pipeline" in out
+
+
+# ---- OSError: one line, not tracebacks; a compressed checkpoint is loaded, not refused
+
+
+def test_unknown_hub_name_offline_fails_at_once(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    assert main(["eval", "--model", "nobody-xyz/no-such-model", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE" in err and "not in the Hugging Face cache" in err and len(err.splitlines()) == 1, err
+    assert time.perf_counter() - t0 < 10
+    import mrp_pass.models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(mrp_pass.models, "hub_reachable", lambda timeout=3.0: False)
+    assert main(["eval", "--model", "nobody-xyz/no-such-model", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be reached" in err and len(err.splitlines()) == 1, err
+
+
+def test_import_error_names_only_the_packages_that_are_missing(tiny_dir, monkeypatch):
+    """transformers turns any failed import of a model's code into 'Could not import module ...': telling the user
+    to install gguf and accelerate when both are there sends them the wrong way (a shadowing profile.py did it)."""
+    import importlib.util
+
+    import transformers
+
+    import mrp_pass.models
+
+    def hidden_import_error(*args, **kwargs):
+        raise ModuleNotFoundError("Could not import module 'LlamaForCausalLM'.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", hidden_import_error)
+    with pytest.raises(ImportError) as info:
+        mrp_pass.models.load_model(tiny_dir)
+    assert "pip install" not in str(info.value) and "modeling_llama" in str(info.value), info.value
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else find_spec(name, *a))
+    with pytest.raises(ImportError, match=r"Run: pip install gguf$"):
+        mrp_pass.models.load_model(tiny_dir)
+
+
+def test_broken_configs_are_one_line_errors_and_eval_reads_compressed(tiny_dir, tmp_path, capsys):
+    import shutil
+
+    ck = tmp_path / "ck"
+    assert main(export_args(tiny_dir, "compressed", ck)) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(ck), "--seqlen", "16", "--windows", "1", "--device", "cpu"]) == 0
+    assert "perplexity" in capsys.readouterr().out
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    for directory in (broken, ck):
+        (directory / "config.json").write_text("{ not json")
+        assert main(["eval", "--model", str(directory), "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mrp eval: error: could not load model") and len(err.splitlines()) == 1, err
+        assert "Traceback" not in err

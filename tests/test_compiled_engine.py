@@ -197,7 +197,7 @@ def test_pt2_weights_are_mapped_from_the_file_not_copied(built, tmp_path):
     data = path.read_bytes()
     cut = tmp_path / "cut.pt2"
     cut.write_bytes(data[: offset + size // 2] + data[offset + size:])  # the entry's second half lost
-    with pytest.raises(ValueError, match="truncated|damaged|not a .pt2"):
+    with pytest.raises(ValueError, match=r"truncated|damaged|not a \.pt2"):
         CompiledLM(cut)
 
 

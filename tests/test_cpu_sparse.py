@@ -6,25 +6,11 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rand_24
+from tiny_models import mask_24
 from torch import nn
 
 from runtime import cpu_sparse as cs
-
-
-def rand24(out_features: int, in_features: int, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
-    """A random weight with exactly 2 non-zeros in every 4 consecutive inputs (random positions)."""
-    gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(out_features, in_features, generator=gen)
-    keep = torch.rand(out_features, in_features // 4, 4, generator=gen).argsort(-1)[..., :2]
-    mask = torch.zeros(out_features, in_features // 4, 4).scatter_(-1, keep, 1.0).reshape(out_features, in_features)
-    return (w * mask).to(dtype)
-
-
-def prune24(w: torch.Tensor) -> torch.Tensor:
-    """Magnitude 2:4: keep the 2 largest |w| of every 4 inputs."""
-    g = w.reshape(w.shape[0], -1, 4)
-    keep = g.abs().topk(2, dim=-1).indices
-    return (g * torch.zeros_like(g).scatter_(-1, keep, 1.0)).reshape(w.shape)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +59,7 @@ def close(a, b, in_features):
 
 @pytest.mark.parametrize("shape", [(1, 4), (13, 20), (8, 64), (37, 132), (100, 1028)])
 def test_pack_unpack_round_trip(shape):
-    w = rand24(*shape)
+    w = rand_24(*shape)
     w[0, :4] = torch.tensor([0.0, 0.0, 3.0, 0.0])  # a group with one non-zero
     w[-1, -4:] = 0  # and an empty one
     packed = cs.pack(w)
@@ -86,7 +72,7 @@ def test_pack_unpack_round_trip(shape):
 
 
 def test_pack_errors():
-    w = rand24(16, 32)
+    w = rand_24(16, 32)
     w[3, 9] = w[3, 8] = w[3, 10] = 1.0  # 3 non-zeros in inputs 8..11 of row 3
     with pytest.raises(ValueError, match=r"not 2:4.*row 3, inputs 8\.\.11"):
         cs.pack(w)
@@ -95,7 +81,7 @@ def test_pack_errors():
     with pytest.raises(ValueError, match="2-D"):
         cs.pack(torch.zeros(32))
     with pytest.raises(ValueError, match="value_dtype"):
-        cs.pack(rand24(8, 8), torch.float64)
+        cs.pack(rand_24(8, 8), torch.float64)
 
 
 @pytest.mark.parametrize("shape", [(13, 20), (16, 64), (37, 132)])
@@ -103,7 +89,7 @@ def test_pack_bitmask_equals_pack(shape):
     """compressed-tensors' tensors as export/compressed.py writes them -> the same layout as pack on the weight."""
     from export.compressed import compress_24
 
-    w = rand24(*shape, seed=1)  # exactly 2 non-zeros per group: the kept positions are unambiguous
+    w = rand_24(*shape, seed=1)  # exactly 2 non-zeros per group: the kept positions are unambiguous
     parts = compress_24(w)
     a, b = cs.pack(w), cs.pack_bitmask(parts["compressed"], parts["bitmask"], parts["shape"])
     assert torch.equal(a.values, b.values) and torch.equal(a.positions, b.positions)
@@ -118,7 +104,7 @@ def test_pack_bitmask_equals_pack(shape):
 def test_pack_bitmask_errors():
     from export.compressed import compress_24
 
-    parts = compress_24(rand24(8, 16))
+    parts = compress_24(rand_24(8, 16))
     bad = parts["bitmask"].clone()
     bad[3, 0] = 0b00010111  # inputs 0..3 of row 3 keep 3
     with pytest.raises(ValueError, match=r"row 3, inputs 0\.\.3 keeps 3"):
@@ -140,7 +126,7 @@ def test_pack_bitmask_from_saved_checkpoint(tmp_path, kernel):
     with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, nn.Linear):
-                mod.weight.copy_(prune24(mod.weight))
+                mod.weight.copy_(mod.weight * mask_24(mod.weight))
     save_compressed(model, tmp_path / "ckpt")
     tensors = load_file(str(tmp_path / "ckpt" / "model.safetensors"))
     for name in ("model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"):
@@ -164,7 +150,7 @@ SHAPES = [(13, 20), (8, 4), (37, 132), (64, 64), (100, 1028), (44, 580)]
 def test_kernel_matches_reference_and_dense(shape, n_threads, kernel, threads):
     threads(n_threads)
     out_f, in_f = shape
-    w = rand24(out_f, in_f, seed=out_f)
+    w = rand_24(out_f, in_f, seed=out_f)
     bias = torch.randn(out_f)
     packed = cs.pack(w)
     for rows in [*range(1, 18), 64, 200]:
@@ -182,7 +168,7 @@ def test_kernel_16bit_values(value_dtype, n_threads, kernel, threads):
     """16-bit values, fp32 products and sums: equal to the reference on the same rounded values."""
     threads(n_threads)
     for out_f, in_f in [(13, 20), (37, 132), (300, 516)]:
-        w = rand24(out_f, in_f, seed=in_f)
+        w = rand_24(out_f, in_f, seed=in_f)
         packed = cs.pack(w, value_dtype)
         bias = torch.randn(out_f)
         for rows in (1, 2, 5, 7, 17, 64, 200):
@@ -193,7 +179,7 @@ def test_kernel_16bit_values(value_dtype, n_threads, kernel, threads):
 
 def test_dense_gemm_path_matches(kernel, dense_threshold):
     """Both sides of the prefill threshold (sparse kernel vs decompress + dense GEMM) give the same numbers."""
-    w, bias = rand24(37, 132), torch.randn(37)
+    w, bias = rand_24(37, 132), torch.randn(37)
     for value_dtype in cs.VALUE_DTYPES:
         packed = cs.pack(w, value_dtype)
         x = torch.randn(70, 132)
@@ -206,7 +192,7 @@ def test_dense_gemm_path_matches(kernel, dense_threshold):
 
 
 def test_leading_dims_noncontiguous_and_dtypes(kernel):
-    w, bias = rand24(21, 36), torch.randn(21)
+    w, bias = rand_24(21, 36), torch.randn(21)
     packed = cs.pack(w)
     x = torch.randn(2, 3, 5, 36)
     close(op(x, packed, bias), F.linear(x, w, bias), 36)
@@ -241,7 +227,7 @@ def test_threads_really_run_in_parallel(kernel, threads):
 def test_sparse_linear_module(kernel):
     lin = nn.Linear(132, 37)
     with torch.no_grad():
-        lin.weight.copy_(prune24(lin.weight))
+        lin.weight.copy_(lin.weight * mask_24(lin.weight))
     sl = cs.SparseLinear.from_linear(lin)
     x = torch.randn(2, 4, 132)
     close(sl(x), lin(x).detach(), 132)
@@ -250,7 +236,7 @@ def test_sparse_linear_module(kernel):
     assert sl.weight_nbytes() == 40 * 66 * 4 + 5 * 33 * 4  # 37 rows padded to 5 blocks of 8
     half = cs.SparseLinear.from_linear(lin, torch.float16)
     assert "float16" in repr(half) and half.weight_nbytes() == 40 * 66 * 2 + 5 * 33 * 4
-    square = cs.SparseLinear(cs.pack(rand24(64, 128)))
+    square = cs.SparseLinear(cs.pack(rand_24(64, 128)))
     assert square.weight_nbytes() / (64 * 128 * 4) == pytest.approx(8.5 / 16)
     nobias = nn.Linear(132, 37, bias=False)
     with torch.no_grad():
@@ -259,7 +245,7 @@ def test_sparse_linear_module(kernel):
 
 
 def test_fallback_warns_once_same_numbers(monkeypatch):
-    w, bias = rand24(37, 132), torch.randn(37)
+    w, bias = rand_24(37, 132), torch.randn(37)
     sl = cs.SparseLinear(cs.pack(w), bias)
     x = torch.randn(5, 132)
     monkeypatch.setattr(cs, "_STATUS", (False, "no AVX2 (test)"))
@@ -290,8 +276,8 @@ def test_cache_dir_env(monkeypatch, tmp_path):
 class _TwoLayers(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = cs.SparseLinear(cs.pack(rand24(24, 36, seed=3)), torch.randn(24))
-        self.b = cs.SparseLinear(cs.pack(rand24(10, 24, seed=4), torch.float16))
+        self.a = cs.SparseLinear(cs.pack(rand_24(24, 36, seed=3)), torch.randn(24))
+        self.b = cs.SparseLinear(cs.pack(rand_24(10, 24, seed=4), torch.float16))
 
     def forward(self, x):
         return self.b(torch.relu(self.a(x)))
@@ -325,7 +311,7 @@ def test_sparsify_tiny_llama(kernel):
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, nn.Linear) and name != "lm_head":
-                mod.weight.copy_(prune24(mod.weight))
+                mod.weight.copy_(mod.weight * mask_24(mod.weight))
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         dense_logits = model(ids).logits
@@ -347,7 +333,8 @@ def test_sparsify_tied_lm_head_stays_dense(kernel):
 
     model = tiny_llama(tie=True)
     with torch.no_grad():
-        model.lm_head.weight.copy_(prune24(model.lm_head.weight))  # 2:4, but shared with the embedding
+        head = model.lm_head.weight
+        head.copy_(head * mask_24(head))  # 2:4, but shared with the embedding
     report = dict(cs.sparsify_cpu(model))
     assert report["lm_head"].startswith("weight tied")
     assert report["model.layers.0.mlp.up_proj"] == "not 2:4"

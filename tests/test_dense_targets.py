@@ -4,7 +4,8 @@ import math
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_llama
+from helpers import token_windows
+from tiny_models import tiny_llama
 from torch import nn
 
 from mrp_pass import Hessian, PruneConfig, prune, solve
@@ -19,11 +20,6 @@ from mrp_pass.hessian import (
 )
 
 pytest.importorskip("transformers")
-
-
-def windows(n: int = 4, seqlen: int = 16, seed: int = 1) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (1, seqlen), generator=gen) for _ in range(n)]
 
 
 def test_target_map_is_the_least_squares_fit_to_the_dense_output():
@@ -206,17 +202,19 @@ def reference_dense_targets(model: nn.Module, dense: nn.Module, calibration: lis
                 w.copy_(new)
 
 
-@pytest.mark.parametrize("method,fraction,targets", [("sparsegpt", 1.0, "dense"), ("mrp", 1.0, "dense"),
-                                                     ("sparsegpt", 0.5, "dense"), ("sparsegpt", 1.0, "residual"),
-                                                     ("sparsegpt", 0.5, "residual")])
+# the fast tier keeps one case per target kind (dense with a dense fraction below 1, residual); the rest are slow
+@pytest.mark.parametrize("method,fraction,targets", [
+    pytest.param("sparsegpt", 1.0, "dense", marks=pytest.mark.slow),
+    pytest.param("mrp", 1.0, "dense", marks=pytest.mark.slow), ("sparsegpt", 0.5, "dense"),
+    ("sparsegpt", 1.0, "residual"), pytest.param("sparsegpt", 0.5, "residual", marks=pytest.mark.slow)])
 def test_pass_matches_hook_reference(method, fraction, targets):
     # residual: more tokens than down_proj's 128 inputs (the float64 reference and the float32 pass then agree;
     # with H held up by damping alone they drift apart by 1e-4). The tiny random model's drift is not predictable
     # from its inputs (cross-validation keeps no correction, or the most damped one), so the damping is fixed here
     # to check the corrected targets themselves.
-    calib = windows() if targets == "dense" else windows(8, 32)
+    calib = token_windows() if targets == "dense" else token_windows(8, 32)
     ours = tiny_llama()
-    report = prune(ours, calib, method=method, targets=targets, dense_fraction=fraction, progress=False,
+    report = prune(ours, calib, method=method, targets=targets, dense_fraction=fraction,
                    target_damping=0.03)
     assert len(report.pruned) == 14
     assert [e.correction for e in report.layers if e.correction] == (["damping 0.03"] * 4 if targets == "residual"
@@ -228,7 +226,7 @@ def test_pass_matches_hook_reference(method, fraction, targets):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
     # the first group sees no drift: W* = W, so q/k/v come out as with targets="pruned"
     plain = tiny_llama()
-    prune(plain, calib, method=method, progress=False)
+    prune(plain, calib, method=method)
     for p in ("q", "k", "v"):
         name = f"model.layers.0.self_attn.{p}_proj.weight"
         assert torch.equal(ours.get_parameter(name), plain.get_parameter(name)), name
@@ -254,11 +252,11 @@ def test_rollback_restores_and_keep_partial_keeps(monkeypatch, targets):
 
     monkeypatch.setattr(layer_group, "solve", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        prune(model, windows(), method="sparsegpt", targets=targets, progress=False)
+        prune(model, token_windows(), method="sparsegpt", targets=targets)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
     calls.clear()
-    report = prune(model, windows(), method="sparsegpt", targets=targets, progress=False, on_error="keep_partial")
+    report = prune(model, token_windows(), method="sparsegpt", targets=targets, on_error="keep_partial")
     assert len(report.pruned) == 4 and report.error  # groups q/k/v and o written, the third failed
 
 
@@ -270,8 +268,8 @@ def test_residual_targets_without_a_residual_stream_say_so_and_equal_pruned_targ
     twin = nn.Sequential(nn.Linear(16, 32, bias=False), nn.ReLU(), nn.Linear(32, 16, bias=False))
     twin.load_state_dict(mlp.state_dict())
     calibration = [torch.randn(64, 16) for _ in range(4)]
-    report = prune(mlp, calibration, method="mrp", targets="residual", progress=False)
-    plain = prune(twin, calibration, method="mrp", targets="pruned", progress=False)
+    report = prune(mlp, calibration, method="mrp", targets="residual")
+    plain = prune(twin, calibration, method="mrp", targets="pruned")
     assert any("found no layer writing into a residual stream" in n for n in report.notes), report.notes
     assert not any("residual" in n for n in plain.notes)
     for a, b in zip(mlp.parameters(), twin.parameters()):
@@ -321,9 +319,9 @@ def test_residual_pass_cross_validates_on_folds_of_even_and_odd_samples(monkeypa
         return choices[-1]
 
     monkeypatch.setattr(layer_group, "held_out_damping", spy)
-    calib = windows(8, 32)
+    calib = token_windows(8, 32)
     ours = tiny_llama()
-    report = prune(ours, calib, method="sparsegpt", targets="residual", dense_fraction=1.0, progress=False)
+    report = prune(ours, calib, method="sparsegpt", targets="residual", dense_fraction=1.0)
     assert [e.correction for e in report.layers if e.correction] == [
         "none" if c is None else f"damping {c:g}" for c in choices]
     assert len(folds_seen) == 4

@@ -1,7 +1,8 @@
-"""`mrp export` on a Hugging Face model directory: compressed checkpoint and ONNX, with reports."""
+"""`mrp export` on a Hugging Face model directory: compressed checkpoint and ONNX, each with its report."""
 
 import json
 
+import pytest
 import torch
 from tiny_models import VOCAB, prune_24, tiny_llama
 
@@ -9,7 +10,7 @@ from export import load_compressed
 from mrp_pass import cli
 
 
-def test_export_compressed_and_onnx(tmp_path, capsys):
+def test_export_compressed_with_report(tmp_path, capsys):
     model = prune_24(tiny_llama())  # 14 linears 2:4, lm_head dense
     model.save_pretrained(tmp_path / "hf")
     assert cli.main(["export", "--model", str(tmp_path / "hf"), "--format", "compressed",
@@ -22,6 +23,11 @@ def test_export_compressed_and_onnx(tmp_path, capsys):
     with torch.no_grad():  # the checkpoint is the model (in fp16, the export's default dtype)
         loaded = load_compressed(tmp_path / "ck").float()
         torch.testing.assert_close(loaded(ids).logits, model.half().float()(ids).logits)
+
+
+@pytest.mark.slow  # an ONNX export of the Llama; `mrp export --format onnx` stays fast in test_runtime_bench.py
+def test_export_onnx_with_report(tmp_path, capsys):
+    prune_24(tiny_llama()).save_pretrained(tmp_path / "hf")
     assert cli.main(["export", "--model", str(tmp_path / "hf"), "--format", "onnx", "--seqlen", "8",
                      "--out", str(tmp_path / "m.onnx")]) == 0
     out = capsys.readouterr().out

@@ -41,17 +41,20 @@ def _nptype(trt_dtype):  # like the real trt.nptype: numpy has no bfloat16
 fake_trt = types.SimpleNamespace(DataType=DataType, TensorIOMode=TensorIOMode, nptype=_nptype, __version__="fake")
 
 
-def _live_tensor_at(address: int) -> torch.Tensor | None:
-    """A live torch tensor whose storage starts at `address` (what TensorRT would read there), or None."""
+def _live_tensors_at(addresses) -> dict[int, torch.Tensor]:
+    """The live torch tensors whose storage starts at one of `addresses` (what TensorRT would read there), by
+    address; an address no live tensor has is missing. One collection and one scan for all of them: each walks
+    every object of the test session, seconds late in a full run."""
     gc.collect()
+    wanted, found = set(addresses), {}
     for obj in gc.get_objects():
         if issubclass(type(obj), torch.Tensor):  # type(): isinstance warns on torch's deprecated lazy objects
             try:
-                if not obj.is_meta and obj.data_ptr() == address:
-                    return obj
+                if not obj.is_meta and obj.data_ptr() in wanted:
+                    found.setdefault(obj.data_ptr(), obj)
             except RuntimeError:  # tensors without storage (nested, functional wrappers)
                 continue
-    return None
+    return found
 
 
 class FakeContext:
@@ -74,9 +77,9 @@ class FakeContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         assert len(set(self.addresses.values())) == len(self.addresses), "two tensors share one address"
-        live = {}
+        live, tensors = {}, _live_tensors_at(self.addresses.values())
         for name, address in self.addresses.items():
-            t = _live_tensor_at(address)
+            t = tensors.get(address)
             assert t is not None, f"{name}: its tensor was freed before execution"
             assert t.dtype == self.engine.torch_dtypes[name], (name, t.dtype)
             live[name] = t
@@ -291,13 +294,15 @@ class FakeSession:
 
     def run_with_iobinding(self, binding: FakeBinding) -> None:
         # every bound input address is a live tensor of the graph's dtype (converted copies kept alive)
+        bound = [b["buffer_ptr"] for b in [*binding.inputs.values(), *binding.outputs.values()] if b["buffer_ptr"]]
+        tensors = _live_tensors_at(bound)
         for name, b in binding.inputs.items():
-            t = _live_tensor_at(b["buffer_ptr"])
+            t = tensors.get(b["buffer_ptr"])
             assert t is not None, f"{name} freed before the run"
             assert t.dtype == {"ids": torch.int64, "x": torch.float16}[name]
         for b in binding.outputs.values():
             if b["buffer_ptr"]:
-                _live_tensor_at(b["buffer_ptr"]).fill_(3)
+                tensors[b["buffer_ptr"]].fill_(3)
 
     def run(self, names, feed):
         self.host_runs += 1

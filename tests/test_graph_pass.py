@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import feature_batches, linear_weights, token_windows
 from tiny_models import VOCAB, mask_24, tiny_llama
 from torch import nn
 
@@ -15,15 +16,6 @@ transformers = pytest.importorskip("transformers")
 layer_group = importlib.import_module("mrp_pass.layer_group")
 walk_module = importlib.import_module("mrp_pass.walk")
 
-
-
-def windows(n: int = 4, seqlen: int = 16, seed: int = 1) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, VOCAB, (1, seqlen), generator=gen) for _ in range(n)]
-
-
-def linear_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
 def check_pruned(model, report, before: dict, untouched=("lm_head",)):
@@ -63,15 +55,15 @@ def check_against_reference(model, fresh, calibration, method, report, ids=None,
 
 def test_llama_every_linear_but_lm_head():
     model = tiny_llama()
-    before, ids = linear_weights(model), windows(1, seed=9)[0]
-    report = prune(model, windows(), method="sparsegpt", progress=False)
+    before, ids = linear_weights(model), token_windows(1, seed=9)[0]
+    report = prune(model, token_windows(), method="sparsegpt")
     names = [layer.name for layer in report.pruned]
     assert len(names) == 14 and names[0] == "model.layers.0.self_attn.q_proj"
     assert names[-1] == "model.layers.1.mlp.down_proj"
     assert [layer.name for layer in report.skipped] == ["lm_head"]
     assert "vocabulary" in report.skipped[0].skipped
     check_pruned(model, report, before)
-    check_against_reference(model, tiny_llama, windows(), "sparsegpt", report, ids)
+    check_against_reference(model, tiny_llama, token_windows(), "sparsegpt", report, ids)
 
 
 def gpt2():
@@ -98,31 +90,31 @@ def mamba():
 
 def test_gpt2_conv1d_addmm_and_tied_head():
     model = gpt2()
-    before, ids = linear_weights(model), windows(1, seed=9)[0]
+    before, ids = linear_weights(model), token_windows(1, seed=9)[0]
     wte = model.transformer.wte.weight.detach().clone()
-    report = prune(model, windows(), method="sparsegpt", progress=False)
+    report = prune(model, token_windows(), method="sparsegpt")
     assert len(report.pruned) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
     assert all(layer.target.startswith("transformer.h.") for layer in report.pruned)
     c_attn = next(layer for layer in report.pruned if layer.name.endswith("attn.c_attn"))
     assert c_attn.shape == (192, 64)  # seen as a linear's [out, in]; stored as Conv1D's [in, out]
     check_pruned(model, report, before)
     assert torch.equal(model.transformer.wte.weight, wte)  # tied to lm_head: never pruned
-    check_against_reference(model, gpt2, windows(), "sparsegpt", report, ids)
+    check_against_reference(model, gpt2, token_windows(), "sparsegpt", report, ids)
 
 
 def test_opt():
     model = opt()
-    before, ids = linear_weights(model), windows(1, seed=9)[0]
-    report = prune(model, windows(), method="sparsegpt", progress=False)
+    before, ids = linear_weights(model), token_windows(1, seed=9)[0]
+    report = prune(model, token_windows(), method="sparsegpt")
     assert len(report.pruned) == 12  # q, k, v, out_proj, fc1, fc2 per layer
     check_pruned(model, report, before)
-    check_against_reference(model, opt, windows(), "sparsegpt", report, ids)
+    check_against_reference(model, opt, token_windows(), "sparsegpt", report, ids)
 
 
 def test_mamba():
     model = mamba()
-    before, ids = linear_weights(model), windows(1, seqlen=8, seed=9)[0]
-    report = prune(model, windows(seqlen=8), method="sparsegpt", progress=False)
+    before, ids = linear_weights(model), token_windows(1, seqlen=8, seed=9)[0]
+    report = prune(model, token_windows(seqlen=8), method="sparsegpt")
     names = {layer.name.rsplit(".", 1)[-1] for layer in report.pruned}
     assert names == {"in_proj", "x_proj", "dt_proj", "out_proj"}
     assert len(report.pruned) == 8
@@ -130,7 +122,7 @@ def test_mamba():
     # dt_proj's weight is used by hand (dt_proj.weight @ time_step.T): its input is x_proj's output[..., :rank]
     feeds = {f"backbone.layers.{i}.mixer.dt_proj": (f"backbone.layers.{i}.mixer.x_proj", lambda out: out[..., :4])
              for i in range(2)}
-    check_against_reference(model, mamba, windows(seqlen=8), "sparsegpt", report, ids, feeds=feeds)
+    check_against_reference(model, mamba, token_windows(seqlen=8), "sparsegpt", report, ids, feeds=feeds)
 
 
 class MLP(nn.Module):
@@ -158,11 +150,6 @@ class Functional(nn.Module):
         return torch.addmm(self.b3, h.reshape(-1, 24), self.w3)
 
 
-def xs(n: int = 4, rows: int = 32, width: int = 16, seed: int = 2) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(rows, width, generator=gen) for _ in range(n)]
-
-
 def mlp() -> MLP:
     torch.manual_seed(0)
     return MLP()
@@ -170,11 +157,12 @@ def mlp() -> MLP:
 
 def test_plain_mlp_all_layers_pruned():
     model = mlp()
-    report = prune(model, xs(), method="mrp", targets="pruned", progress=False)  # the reference's targets
+    report = prune(model, feature_batches(seed=2), method="mrp", targets="pruned")  # the reference's targets
     assert [layer.name for layer in report.pruned] == ["fc1", "fc2", "fc3"]  # no vocabulary: the last one too
     for name in ("fc1", "fc2", "fc3"):
         assert is_nm_sparse(getattr(model, name).weight)
-    check_against_reference(model, mlp, xs(), "mrp", report, xs(1, seed=5)[0], exclude=())
+    check_against_reference(model, mlp, feature_batches(seed=2), "mrp", report, feature_batches(1, seed=5)[0],
+                            exclude=())
 
 
 @pytest.mark.parametrize("capture", ["symbolic_trace", "export"])
@@ -185,9 +173,9 @@ def test_functional_linear_matmul_addmm(capture):
         gm = torch.fx.symbolic_trace(model)  # call_function F.linear, operator.matmul on getattr(w2, "T"), addmm
         sites = find_linears(gm)
         assert [(s.target, s.transposed) for s in sites] == [("w1", False), ("w2", False), ("w3", True)]
-        report = prune_graph(gm, xs(), method="sparsegpt", progress=False)
+        report = prune_graph(gm, feature_batches(seed=2), method="sparsegpt")
     else:
-        report = prune(model, xs(), method="sparsegpt", progress=False)
+        report = prune(model, feature_batches(seed=2), method="sparsegpt")
     assert [(layer.name, layer.shape) for layer in report.pruned] == [("w1", (32, 16)), ("w2", (24, 32)),
                                                                       ("w3", (8, 24))]
     assert is_nm_sparse(model.w1) and is_nm_sparse(model.w2) and is_nm_sparse(model.w3.T)
@@ -196,9 +184,9 @@ def test_functional_linear_matmul_addmm(capture):
 
 def test_prune_graph_nested_get_attr_on_export():
     model = tiny_llama()
-    gm = torch.export.export(model, (windows(1)[0],), {"use_cache": False}, strict=False).module()
-    report = prune_graph(gm, [{"input_ids": w, "use_cache": False} for w in windows()], method="magnitude",
-                         layer_filter=["mlp"], progress=False)
+    gm = torch.export.export(model, (token_windows(1)[0],), {"use_cache": False}, strict=False).module()
+    report = prune_graph(gm, [{"input_ids": w, "use_cache": False} for w in token_windows()], method="magnitude",
+                         layer_filter=["mlp"])
     assert [layer.target for layer in report.pruned][:3] == [
         "model.layers.0.mlp.gate_proj.weight", "model.layers.0.mlp.up_proj.weight",
         "model.layers.0.mlp.down_proj.weight"]
@@ -268,12 +256,13 @@ def reference_prune(model: nn.Module, calibration: list, method: str, sparsity="
     return errors
 
 
+@pytest.mark.slow  # mrp against the reference stays fast on the MLP (test_plain_mlp...), the Llama on sparsegpt
 def test_matches_hook_reference_mrp():
     """The default method on the Llama (sparsegpt on it: test_llama_every_linear_but_lm_head), on the reference's
     targets (its default, targets="residual", against its own reference: test_dense_targets.py)."""
-    calib = windows(4)
+    calib = token_windows(4)
     ours = tiny_llama()
-    report = prune(ours, calib, method="mrp", targets="pruned", progress=False)
+    report = prune(ours, calib, method="mrp", targets="pruned")
     check_against_reference(ours, tiny_llama, calib, "mrp", report)
 
 
@@ -297,7 +286,7 @@ def test_other_patterns_through_prune(sparsity, monkeypatch):
     model = tiny_llama()
     before = linear_weights(model)
     emb = model.model.embed_tokens.weight.detach().clone()
-    report = prune(model, windows(4, seqlen=32), sparsity, method="sparsegpt", progress=False)
+    report = prune(model, token_windows(4, seqlen=32), sparsity, method="sparsegpt")
     assert report.sparsity == {"4:8": "4:8", "1:4": "1:4", 0.5: "50%"}[sparsity]
     assert len(report.pruned) == 14 and [layer.name for layer in report.skipped] == ["lm_head"]
     weights = [model.get_parameter(layer.target) for layer in report.pruned]
@@ -329,7 +318,7 @@ def test_other_patterns_through_prune(sparsity, monkeypatch):
 
 
 def test_generator_calibration_is_read_once_and_equals_the_list():
-    calib, served = windows(4), []
+    calib, served = token_windows(4), []
 
     def samples():
         for x in calib:
@@ -337,17 +326,17 @@ def test_generator_calibration_is_read_once_and_equals_the_list():
             yield x
 
     from_list, from_generator = tiny_llama(), tiny_llama()
-    expected = prune(from_list, calib, method="sparsegpt", progress=False)
+    expected = prune(from_list, calib, method="sparsegpt")
     gen = samples()
-    report = prune(from_generator, gen, method="sparsegpt", progress=False)
+    report = prune(from_generator, gen, method="sparsegpt")
     assert len(served) == 4 and next(gen, None) is None and report.samples == 4
     assert [layer.loss for layer in report.layers] == [layer.loss for layer in expected.layers]
     for (name, a), b in zip(from_generator.state_dict().items(), from_list.state_dict().values()):
         assert torch.equal(a, b), name
 
     plain, streamed = mlp(), mlp()  # prune_graph too
-    prune_graph(torch.fx.symbolic_trace(plain), xs(), method="sparsegpt", progress=False)
-    prune_graph(torch.fx.symbolic_trace(streamed), (x for x in xs()), method="sparsegpt", progress=False)
+    prune_graph(torch.fx.symbolic_trace(plain), feature_batches(seed=2), method="sparsegpt")
+    prune_graph(torch.fx.symbolic_trace(streamed), (x for x in feature_batches(seed=2)), method="sparsegpt")
     for (name, a), b in zip(streamed.state_dict().items(), plain.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -366,7 +355,7 @@ def test_shared_input_layers_share_one_hessian_and_one_solve(monkeypatch):
 
     monkeypatch.setattr(layer_group, "solve", spy)
     model = tiny_llama()
-    report = prune(model, windows(2), method="magnitude", progress=False)
+    report = prune(model, token_windows(2), method="magnitude")
     # one solve per input node, its rows the group's layers stacked: q 64 + k 32 + v 32, o, gate 128 + up 128, down
     assert [rows for rows, _ in seen] == [128, 64, 256, 64] * 2
     assert len({id(h) for _, h in seen}) == 8
@@ -396,7 +385,7 @@ def test_tied_weight_pruned_once(monkeypatch):
     monkeypatch.setattr(layer_group, "solve", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     torch.manual_seed(0)
     model = TiedLinears()
-    report = prune(model, xs(), method="sparsegpt", progress=False)
+    report = prune(model, feature_batches(seed=2), method="sparsegpt")
     assert len(calls) == 1
     assert [layer.name for layer in report.pruned] == ["a"]
     assert "shared with a" in report.skipped[0].skipped
@@ -406,8 +395,7 @@ def test_tied_weight_pruned_once(monkeypatch):
 def test_tied_embedding_head_skipped_even_when_filtered_in():
     model = tiny_llama(tie=True)
     emb = model.model.embed_tokens.weight.detach().clone()
-    report = prune(model, windows(2), method="magnitude", layer_filter=lambda name, mod, shape: True,
-                   progress=False)
+    report = prune(model, token_windows(2), method="magnitude", layer_filter=lambda name, mod, shape: True)
     head = next(layer for layer in report.layers if layer.name == "lm_head")
     assert "tied" in head.skipped and "embedding" in head.skipped
     assert torch.equal(model.model.embed_tokens.weight, emb)
@@ -415,8 +403,8 @@ def test_tied_embedding_head_skipped_even_when_filtered_in():
 
 
 def test_layer_filter_names_regex_and_callable():
-    report = prune(tiny_llama(), windows(2), method="magnitude", layer_filter=["up_proj", r"layers\.1\..*q_proj$"],
-                   progress=False)
+    report = prune(tiny_llama(), token_windows(2), method="magnitude",
+                   layer_filter=["up_proj", r"layers\.1\..*q_proj$"])
     assert [layer.name for layer in report.pruned] == [
         "model.layers.0.mlp.up_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.up_proj"]
     assert all(layer.skipped == "excluded by layer_filter" for layer in report.skipped)
@@ -427,28 +415,28 @@ def test_layer_filter_names_regex_and_callable():
         seen.append((name, type(module).__name__))
         return shape[0] == shape[1]
 
-    report = prune(tiny_llama(), windows(2), method="magnitude", layer_filter=only_square, progress=False)
+    report = prune(tiny_llama(), token_windows(2), method="magnitude", layer_filter=only_square)
     assert {layer.name.rsplit(".", 1)[-1] for layer in report.pruned} == {"q_proj", "o_proj"}
     assert ("model.layers.0.mlp.up_proj", "Linear") in seen  # the model's own module is passed
 
     model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
-    report = prune(model, xs(), method="magnitude", layer_filter=[nn.ReLU, "^2$"], progress=False)
+    report = prune(model, feature_batches(seed=2), method="magnitude", layer_filter=[nn.ReLU, "^2$"])
     assert [layer.name for layer in report.pruned] == ["2"]
-    report = prune(nn.Sequential(nn.Linear(16, 8)), xs(), method="magnitude", layer_filter=[nn.Linear],
-                   progress=False)
+    report = prune(nn.Sequential(nn.Linear(16, 8)), feature_batches(seed=2), method="magnitude",
+                   layer_filter=[nn.Linear])
     assert [layer.name for layer in report.pruned] == ["0"]
 
 
 def test_width_not_multiple_of_m_is_skipped():
     model = nn.Sequential(nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 8))
-    report = prune(model, xs(), method="sparsegpt", progress=False)
+    report = prune(model, feature_batches(seed=2), method="sparsegpt")
     assert [layer.name for layer in report.pruned] == ["0"]
     assert report.skipped[0].name == "2" and "not a multiple of M=4" in report.skipped[0].skipped
 
 
 def test_report_contents_and_json(tmp_path):
     model = MLP().train()
-    report = prune(model, xs(), method="sparsegpt", progress=False)
+    report = prune(model, feature_batches(seed=2), method="sparsegpt")
     assert model.training  # restored after calibrating in eval mode
     d = report.to_dict()
     assert d["layers_pruned"] == 3 and d["layers_skipped"] == 0 and d["method"] == "sparsegpt"
@@ -466,15 +454,15 @@ def test_report_contents_and_json(tmp_path):
 
 def test_kwargs_calibration_and_bad_items():
     model = tiny_llama()
-    calib = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows(2)]
-    report = prune(model, calib, method="magnitude", progress=False)
+    calib = [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in token_windows(2)]
+    report = prune(model, calib, method="magnitude")
     assert len(report.pruned) == 14
     with pytest.raises(ValueError, match="same shapes"):
-        prune(tiny_llama(), [windows(1, 16)[0], windows(1, 8)[0]], progress=False)
+        prune(tiny_llama(), [token_windows(1, 16)[0], token_windows(1, 8)[0]])
     with pytest.raises(ValueError, match="empty"):
-        prune(tiny_llama(), [], progress=False)
+        prune(tiny_llama(), [])
     with pytest.raises(ValueError, match="unknown method"):
-        prune(tiny_llama(), windows(1), method="nope", progress=False)
+        prune(tiny_llama(), token_windows(1), method="nope")
 
 
 def test_live_values_are_freed(monkeypatch):
@@ -487,7 +475,7 @@ def test_live_values_are_freed(monkeypatch):
         peak.append(len(self.values))
 
     monkeypatch.setattr(walk_module.Walk, "run_node", spy)
-    prune(tiny_llama(), windows(2), method="magnitude", progress=False)
+    prune(tiny_llama(), token_windows(2), method="magnitude")
     assert max(peak) <= 12 < len(peak) / 10
 
 
@@ -508,8 +496,8 @@ class CastWeight(nn.Module):
 
 def test_weight_behind_input_dependent_cast_is_refreshed():
     cast, plain = CastWeight(True), CastWeight(False)
-    prune_graph(torch.fx.symbolic_trace(cast), xs(), method="sparsegpt", progress=False)
-    prune_graph(torch.fx.symbolic_trace(plain), xs(), method="sparsegpt", progress=False)
+    prune_graph(torch.fx.symbolic_trace(cast), feature_batches(seed=2), method="sparsegpt")
+    prune_graph(torch.fx.symbolic_trace(plain), feature_batches(seed=2), method="sparsegpt")
     assert is_nm_sparse(cast.w1)
     torch.testing.assert_close(cast.w2, plain.w2, atol=0, rtol=0)  # fc2 calibrated on the pruned fc1 in both
 
@@ -517,10 +505,10 @@ def test_weight_behind_input_dependent_cast_is_refreshed():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_calibrate_on_gpu_while_model_stays_on_cpu():
-    calib = windows(4)
+    calib = token_windows(4)
     on_gpu, on_cpu = tiny_llama(), tiny_llama()
-    report = prune(on_gpu, calib, method="sparsegpt", device="cuda", progress=False)
-    prune(on_cpu, calib, method="sparsegpt", progress=False)
+    report = prune(on_gpu, calib, method="sparsegpt", device="cuda")
+    prune(on_cpu, calib, method="sparsegpt")
     assert len(report.pruned) == 14
     assert all(p.device.type == "cpu" for p in on_gpu.parameters())
     for (name, a), b in zip(on_gpu.named_parameters(), on_cpu.parameters()):

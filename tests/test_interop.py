@@ -22,11 +22,11 @@ transformers = pytest.importorskip("transformers")
 
 from compressed_tensors.compressors import ModelCompressor  # noqa: E402
 from compressed_tensors.config import Sparse24BitMaskConfig  # noqa: E402
+from helpers import assert_same_bits, bits  # noqa: E402
 from safetensors import safe_open  # noqa: E402
-from tiny_models import VOCAB, tiny_llama  # noqa: E402
+from tiny_models import VOCAB, prune_24, tiny_llama  # noqa: E402
 
 from export import load_compressed, save_compressed  # noqa: E402
-from mrp_pass import Sparsity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIE = pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
@@ -36,29 +36,6 @@ def test_pinned_versions():
     """The tier means these versions: the newest compressed-tensors that reads sparse-24-bitmask, transformers 4."""
     assert ct.__version__ == "0.14.0.1"
     assert transformers.__version__.startswith("4.")
-
-
-def _pruned(tie: bool) -> torch.nn.Module:
-    model = tiny_llama(tie=tie)
-    with torch.no_grad():
-        for name, mod in model.named_modules():
-            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                mod.weight.mul_(Sparsity(n=2, m=4).mask(mod.weight.abs()).to(mod.weight.dtype))
-    return model
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """Raw bits, -0.0 folded into +0.0 (the format stores no pruned entries)."""
-    t = t + 0 if t.is_floating_point() else t
-    return t.view(torch.int32) if t.dtype == torch.float32 else t
-
-
-def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k].dtype == sb[k].dtype, k
-        assert torch.equal(_bits(sa[k]), _bits(sb[k])), k
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -71,7 +48,7 @@ IDS = torch.arange(2 * 12).reshape(2, 12) * 5 % VOCAB
 
 @TIE
 def test_compressed_tensors_decompresses_our_files(tmp_path, tie):
-    model = _pruned(tie)
+    model = prune_24(tiny_llama(tie=tie))
     report = save_compressed(model, tmp_path / "ck")
     assert len(report.compressed_layers) == 14
     compressor = ModelCompressor.from_pretrained(str(tmp_path / "ck"))
@@ -82,25 +59,25 @@ def test_compressed_tensors_decompresses_our_files(tmp_path, tie):
     assert set(weights) <= decoded.keys()
     state = model.state_dict()
     for name, w in decoded.items():
-        assert torch.equal(_bits(w), _bits(state[name])), name
+        assert torch.equal(bits(w, fold_zero=True), bits(state[name], fold_zero=True)), name
     # the whole-model path (what transformers' compressed-tensors quantizer runs) overwrites the compressed weights
     fresh = tiny_llama(tie=tie)  # same seed: the dense tensors already match; the 2:4 weights are made wrong
     with torch.no_grad():
         for name in weights:
             fresh.get_parameter(name).add_(1.0)
     compressor.decompress(str(tmp_path / "ck"), fresh)
-    _assert_same_weights(model, fresh)
+    assert_same_bits(model, fresh, fold_zero=True)
 
 
 @TIE
 def test_transformers4_loads_our_files_with_our_logits(tmp_path, tie):
-    model = _pruned(tie)
+    model = prune_24(tiny_llama(tie=tie))
     save_compressed(model, tmp_path / "ck")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype="auto").eval()
     ours = load_compressed(tmp_path / "ck")
     assert hf.dtype == ours.dtype == torch.float32  # config.json's dtype, as "auto" reads it
     assert (hf.lm_head.weight is hf.model.embed_tokens.weight) == tie
-    _assert_same_weights(ours, hf)
+    assert_same_bits(ours, hf, fold_zero=True)
     assert torch.equal(_logits(hf, IDS), _logits(ours, IDS))
     assert torch.equal(_logits(hf, IDS), _logits(model, IDS))
 
@@ -122,7 +99,7 @@ def _written_by_compressed_tensors(model: torch.nn.Module, directory: Path) -> N
 def test_we_read_files_written_by_compressed_tensors(tmp_path, tie):
     from runtime import load
 
-    model = _pruned(tie)
+    model = prune_24(tiny_llama(tie=tie))
     _written_by_compressed_tensors(copy.deepcopy(model), tmp_path / "ck")
     with safe_open(str(tmp_path / "ck" / "model.safetensors"), framework="pt") as f:
         keys, metadata = set(f.keys()), f.metadata() or {}
@@ -130,7 +107,7 @@ def test_we_read_files_written_by_compressed_tensors(tmp_path, tie):
     assert ("lm_head.weight" in keys) != tie  # a tied head is not stored: only tie_word_embeddings says why
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["tie_word_embeddings"] == tie
     ours = load_compressed(tmp_path / "ck")
-    _assert_same_weights(model, ours)
+    assert_same_bits(model, ours, fold_zero=True)
     assert torch.equal(_logits(ours, IDS), _logits(model, IDS))
     assert torch.equal(load(tmp_path / "ck")(IDS), _logits(model, IDS))  # runtime.load goes through it too
     # and transformers 4 reads the same file to the same logits (the reference reader for this file)

@@ -1,9 +1,14 @@
-"""runtime.benchmark statistics on a fake clock: exact latencies, percentiles, throughput, interleaving, sync."""
+"""runtime.benchmark statistics on a fake clock: exact latencies, percentiles, throughput, interleaving, sync;
+`mrp bench` gives a speedup only like with like."""
+
+import json
 
 import numpy as np
 import pytest
 import torch
+from helpers import export_args
 
+from mrp_pass.cli import main
 from runtime import benchmark
 
 
@@ -68,3 +73,21 @@ def test_sync_brackets_every_timed_call():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="iters"):
         benchmark(lambda *a: None, torch.zeros(1), iters=0)
+
+
+# ---- mrp bench: speedup only like with like; another engine's ratio in its own labelled column
+
+
+def test_bench_speedup_compares_like_with_like(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    assert main(export_args(tiny_dir, "onnx", tmp_path / "m.onnx")) == 0
+    capsys.readouterr()
+    common = ["--batch", "1", "--seqlen", "8", "--warmup", "0", "--iters", "2", "--out", str(tmp_path / "b")]
+    assert main(["bench", "--engine", str(tmp_path / "m.onnx"), "--dense", str(tiny_dir), *common]) == 0
+    out = capsys.readouterr().out
+    assert "cross-engine" in out and "note: the engine runs on onnxruntime" in out
+    row = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]
+    assert row["speedup"] is None and row["cross_engine_ratio"] > 0
+    assert main(["bench", "--engine", str(tmp_path / "m.onnx"), "--dense", str(tmp_path / "m.onnx"), *common]) == 0
+    row = json.loads((tmp_path / "b" / "bench.json").read_text())["rows"][0]
+    assert row["speedup"] > 0 and "cross_engine_ratio" not in row

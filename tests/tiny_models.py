@@ -32,3 +32,9 @@ def prune_24(model: nn.Module, skip: tuple[str, ...] = ("lm_head",)) -> nn.Modul
 def mask_24(weight: torch.Tensor) -> torch.Tensor:
     """The 2:4 keep-mask (largest magnitudes along the last axis) in `weight`'s dtype."""
     return Sparsity(n=2, m=4).mask(weight.detach().abs().float()).to(weight.dtype)
+
+
+def tiny_mlp(width: int = 16, dtype=torch.float32) -> nn.Sequential:
+    """Three seeded linears (width -> 32 -> 32 -> 8) with ReLUs: the smallest model the pass prunes."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(width, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8)).to(dtype)

@@ -1,34 +1,20 @@
-"""Reliability: numerical faults (singular / indefinite / NaN Hessians, dead inputs, extreme weights),
-a hypothesis fuzz of every solver, atomic file writes and loading truncated or foreign files."""
+"""The solvers on hard numbers: singular, indefinite and non-finite Hessians, dead inputs, extreme weights,
+float32 Cholesky failures (float64 fallbacks), a hypothesis fuzz of every method on small random layers, and
+what the pass says of a Hessian that overflowed or is singular."""
 
-import json
 import logging
 import math
-import os
-from pathlib import Path
+import warnings
 
 import pytest
 import torch
+from helpers import correlated_layer
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 from mrp_pass import METHODS, Hessian, damped_inverse, is_nm_sparse, parse_sparsity, solve
 from mrp_pass import refit as refit_module
-from mrp_pass.hessian import damped_hessian
-
-
-def layer_with_inputs(rows: int = 8, cols: int = 32, tokens: int = 128, seed: int = 0, corr: float = 0.5):
-    """(W, X [tokens, cols], H = 2/N X^T X)."""
-    gen = torch.Generator().manual_seed(seed)
-    mix = torch.eye(cols) + corr * torch.randn(cols, cols, generator=gen) / cols**0.5
-    x = torch.randn(tokens, cols, generator=gen) @ mix
-    return torch.randn(rows, cols, generator=gen), x, 2 * x.T @ x / tokens
-
-
-def layer(rows: int = 8, cols: int = 32, tokens: int = 128, seed: int = 0, corr: float = 0.5):
-    w, _, h = layer_with_inputs(rows, cols, tokens, seed, corr)
-    return w, h
+from mrp_pass.hessian import damped_cholesky, damped_hessian
 
 
 def meets(w: torch.Tensor, sparsity) -> bool:
@@ -38,12 +24,11 @@ def meets(w: torch.Tensor, sparsity) -> bool:
     return bool(((w == 0).sum(1) >= round(w.shape[1] * sp.fraction)).all())
 
 
-# ----------------------------------------------------------------------------------------------
 # Hessians
 
 
 def test_singular_hessian_escalates_damping_with_a_warning(caplog):
-    w, _ = layer()
+    w, _, _ = correlated_layer()
     h = torch.ones(32, 32)  # rank 1
     with caplog.at_level(logging.WARNING, logger="mrp_pass.hessian"):
         result = solve(w, h, "2:4", "mrp", percdamp=0.0)
@@ -61,11 +46,11 @@ def test_hessian_beyond_damping_gives_a_clear_error(caplog):
 
 
 def test_cholesky_factor_in_place_of_the_inverse_has_the_same_damping():
-    # inverse=False (the default mrp's ADMM + CG, the target corrections) must damp exactly as the inverse's callers
+    # damped_cholesky (the default mrp's ADMM + CG, the target corrections) must damp exactly as the inverse's callers
     # do, escalation included: the factor is that of the very H + lambda I returned beside it
     h = torch.ones(16, 16)  # rank 1: percdamp 0 escalates
     h_damped, inv = damped_hessian(h, 0.0)
-    h_damped2, chol = damped_hessian(h, 0.0, inverse=False)
+    h_damped2, chol = damped_cholesky(h, 0.0)
     assert torch.equal(h_damped, h_damped2) and torch.equal(chol, chol.tril())
     torch.testing.assert_close(chol @ chol.T, h_damped)
     torch.testing.assert_close(torch.cholesky_inverse(chol), inv)
@@ -77,7 +62,7 @@ def test_mildly_indefinite_hessian_is_damped():
 
 
 def test_negative_diagonal_is_not_a_hessian():
-    w, h = layer()
+    w, _, h = correlated_layer()
     h[3, 3] = -1.0
     with pytest.raises(ValueError, match="1 negative diagonal entries"):
         solve(w, h, "2:4", "sparsegpt")
@@ -85,14 +70,14 @@ def test_negative_diagonal_is_not_a_hessian():
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_hessian(bad):
-    w, h = layer()
+    w, _, h = correlated_layer()
     h[0, 1] = bad
     with pytest.raises(FloatingPointError, match="the Hessian contains NaN or Inf"):
         solve(w, h, "2:4", "mrp")
 
 
 def test_non_finite_weight():
-    w, h = layer()
+    w, _, h = correlated_layer()
     w[2, 2] = float("nan")
     with pytest.raises(FloatingPointError, match="the weight contains NaN or Inf"):
         solve(w, h, "2:4", "mrp")
@@ -115,7 +100,7 @@ def test_mismatched_hessian_shape():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_dead_input_columns(method):
-    w, h = layer()
+    w, _, h = correlated_layer()
     dead = [0, 5, 6, 7, 30]  # 5, 6, 7: three of one group of 4 (more than 2:4 prunes)
     h[dead, :] = 0
     h[:, dead] = 0
@@ -127,7 +112,7 @@ def test_dead_input_columns(method):
 @pytest.mark.parametrize("scale", [1e30, 1e-30])
 @pytest.mark.parametrize("method", METHODS)
 def test_extreme_weights_stay_finite_and_meet_the_pattern(method, scale):
-    w, x, h = layer_with_inputs()
+    w, x, h = correlated_layer()
     result = solve(w * scale, h, "2:4", method)
     assert torch.isfinite(result.weight).all() and is_nm_sparse(result.weight)
     # the reported relative error is ||dW X||^2 / ||W X||^2, measured here from X in float64
@@ -142,7 +127,7 @@ def test_extreme_weights_are_solved_as_well_as_ordinary_ones(method, scale):
     """w^2 overflows / underflows in float32, every score ties and the mask is arbitrary
     (relative error 0.45 instead of 0.11 at 1e-30). The solvers are homogeneous in W, so the result must be
     the ordinary one scaled."""
-    w, h = layer()
+    w, _, h = correlated_layer()
     ref = solve(w, h, "2:4", method)
     result = solve(w * scale, h, "2:4", method)
     assert torch.equal(result.mask, ref.mask)
@@ -218,7 +203,6 @@ def test_solution_m_redoes_in_float64_only_the_rows_whose_residual_is_too_large(
     assert rel_err(z[0, :k], ref0) < 1e-6 < 1e-3 < rel_err(plain[0, :k], ref0)
 
 
-# ----------------------------------------------------------------------------------------------
 # Fuzz: every method on random small layers
 
 
@@ -232,7 +216,7 @@ PATTERNS = ["2:4", "1:4", "4:8", 0.5]
 def test_fuzz_solvers(rows, groups, pattern, method, corr, tokens, seed):
     m = parse_sparsity(pattern).m or 4
     cols = min(groups * m, 64)
-    w, h = layer(rows, cols, tokens, seed, corr)
+    w, _, h = correlated_layer(rows, cols, tokens, seed, corr)
     result = solve(w, h, pattern, method, blocksize=8 if m <= 8 else m)
     assert torch.isfinite(result.weight).all()
     assert meets(result.weight, pattern)
@@ -242,117 +226,36 @@ def test_fuzz_solvers(rows, groups, pattern, method, corr, tokens, seed):
         assert result.loss <= magnitude.loss * (1 + 1e-4) + 1e-9, (result.loss, magnitude.loss)
 
 
-# ----------------------------------------------------------------------------------------------
-# Files: written atomically, and a truncated or foreign file gives a clear error
+# ---- H overflow is not "NaN in the activations"; a singular H with enough tokens is said
 
 
-class Crash(Exception):
-    pass
+def test_hessian_overflow_is_told_apart_from_nan_activations():
+    import mrp_pass
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    with torch.no_grad():
+        model[0].weight.fill_(1e30)
+    calib = [torch.randn(4, 16) for _ in range(2)]
+    with pytest.raises(FloatingPointError) as e:
+        mrp_pass.prune(model, calib, method="sparsegpt")
+    msg = str(e.value)
+    assert "overflowed" in msg and "activations are finite" in msg and "contain NaN" not in msg, msg
+    assert torch.equal(model[0].weight, torch.full((16, 16), 1e30))  # rolled back
+    calib[1][0, 3] = float("nan")
+    with pytest.raises(FloatingPointError, match="contain NaN or Inf"):
+        mrp_pass.prune(torch.nn.Sequential(torch.nn.Linear(16, 16)), calib, method="sparsegpt")
 
 
-def test_report_json_crash_mid_write_leaves_nothing(tmp_path, monkeypatch):
-    from mrp_pass import PruneReport
+def test_singular_hessian_with_enough_tokens_is_warned():
+    import mrp_pass
 
-    target = tmp_path / "report.json"
-    real_fdopen = os.fdopen
-
-    class HalfFile:  # the temp file takes the first half of the text, then the process "dies"
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, text):
-            self.f.write(text[: len(text) // 2])
-            raise Crash
-
-    monkeypatch.setattr(os, "fdopen", lambda fd, *a, **k: HalfFile(real_fdopen(fd, *a, **k)))
-    with pytest.raises(Crash):
-        PruneReport().save_json(target)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_atomic_write_text_and_atomic_files_crash(tmp_path):
-    from export.atomic import atomic_dir, atomic_files, atomic_write_text
-
-    target = tmp_path / "bench.json"
-    atomic_write_text(target, "old")
-    with pytest.raises(TypeError):
-        atomic_write_text(target, 123)  # fails inside the write
-    assert target.read_text() == "old"
-    with pytest.raises(Crash), atomic_files(tmp_path / "model.onnx") as tmp:
-        (tmp / "model.onnx").write_bytes(b"\x08\x07partial")
-        raise Crash
-    with pytest.raises(Crash), atomic_dir(tmp_path / "ckpt") as tmp:
-        (tmp / "model.safetensors").write_bytes(b"partial")
-        raise Crash
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]
-
-
-def test_save_compressed_crash_mid_write_leaves_no_directory(tmp_path, monkeypatch):
-    import safetensors.torch
-    import transformers.modeling_utils  # noqa: F401  (imported now: it binds safetensors' save_file at import time,
-
-    # and must not keep the crashing stand-in below for later tests)
-    from export import save_compressed
-
-    def half(tensors, path, metadata=None):
-        Path(path).write_bytes(b"\x10\x00\x00")
-        raise Crash
-    monkeypatch.setattr(safetensors.torch, "save_file", half)
-    with pytest.raises(Crash):
-        save_compressed(nn.Sequential(nn.Linear(8, 8)), tmp_path / "ckpt")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_save_pruned_crash_leaves_no_directory(tmp_path):
-    from mrp_pass import PruneReport
-    from mrp_pass.commands import save_pruned
-
-    class Model:
-        config = type("C", (), {})()
-
-        def save_pretrained(self, path):
-            (path / "model.safetensors").write_bytes(b"partial")
-            raise Crash
-    with pytest.raises(Crash):
-        save_pruned(Model(), None, PruneReport(), tmp_path / "out")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_loading_truncated_and_foreign_files(tmp_path):
-    import onnx
-    from onnx import TensorProto, helper
-
-    from export.compressed import load_compressed
-    from runtime.engines import load
-
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
-    good = helper.make_model(graph).SerializeToString()
-    (tmp_path / "truncated.onnx").write_bytes(good[: len(good) // 2])
-    (tmp_path / "foreign.onnx").write_text("this is not a protobuf")
-    (tmp_path / "model.bin").write_bytes(b"\x00" * 16)
-    for name in ("truncated.onnx", "foreign.onnx"):
-        with pytest.raises(ValueError, match=rf"{name}: not a loadable ONNX model"):
-            load(tmp_path / name)
-    with pytest.raises(ValueError, match="unknown engine kind"):
-        load(tmp_path / "model.bin")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        load(tmp_path / "missing.onnx")
-    assert onnx.load_from_string(good)  # the helper model itself is fine
-
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    (ckpt / "config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        load_compressed(ckpt)
-    (ckpt / "config.json").write_text(json.dumps({"quantization_config": {"sparsity_config": {"format": "dense"}}}))
-    (ckpt / "model.safetensors").write_bytes(b"\xff" * 7)
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
-        load_compressed(ckpt, model=nn.Linear(4, 4))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8))
+    base = torch.randn(64, 8)
+    calib = [torch.cat([base, base], dim=1)]  # every feature duplicated: rank 8 of 16, with 64 tokens
+    with pytest.warns(UserWarning, match=r"numerical rank 8 of 16 inputs"):
+        report = mrp_pass.prune(model, calib, method="sparsegpt")
+    assert any("near zero" in n for n in report.notes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # full-rank calibration: no warning
+        mrp_pass.prune(torch.nn.Sequential(torch.nn.Linear(16, 8)), [torch.randn(64, 16)], method="sparsegpt")

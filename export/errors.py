@@ -1,4 +1,4 @@
-"""Notes added to an error on its way up, naming where the pass was."""
+"""Notes added to an error on its way up, naming where it happened (used by every layer: export is the bottom)."""
 
 from __future__ import annotations
 
