@@ -37,7 +37,7 @@ from export.atomic import atomic_files
 from .cpu_sparse import DenseLinear, SparseLinear, kernel_available
 from .decoder import Decoder, from_hf
 from .dispatch import cpu_model
-from .engines import Engine
+from .engine import Engine
 
 META = "extra/mrp_engine.json"
 # not under extra/ (torch reads every file there into memory as text) nor data/ (its loader extracts those)

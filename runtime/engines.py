@@ -12,6 +12,8 @@ from torch import nn
 
 from export.wrap import main_output
 
+from .engine import Engine
+
 _ORT_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                  "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 # IOBinding (CUDA / TensorRT providers): the torch dtype an input is converted to on the device, and the element
@@ -22,26 +24,6 @@ _ORT_TO_TORCH = {"tensor(float)": torch.float32, "tensor(float16)": torch.float1
                  "tensor(int8)": torch.int8, "tensor(uint8)": torch.uint8, "tensor(bool)": torch.bool}
 _ORT_ELEMENT_TYPE = {**_ORT_TO_NUMPY, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(bfloat16)": 16}
 _DEVICE_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-
-
-class Engine:
-    """Common surface: __call__(*tensors) -> tensor, `device`, `provider` (what actually runs it), `kind`."""
-
-    kind = "engine"
-    device = torch.device("cpu")
-    provider = "?"
-    vocab_size: int | None = None
-
-    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def example_inputs(self, batch: int, seqlen: int) -> tuple[torch.Tensor, ...]:
-        """Random inputs of the engine's kind: token ids [batch, seqlen] for LLMs."""
-        vocab = self.vocab_size or 32000
-        return (torch.randint(0, vocab, (batch, seqlen), device=self.device),)
-
-    def describe(self) -> str:
-        return f"{self.kind} on {self.provider}"
 
 
 class TorchEngine(Engine):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import runtime.cpu_sparse as cs
+import runtime.kernel_cache as kc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,7 +29,7 @@ _WORKER = """
 import json, logging, os, sys, time
 from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
-from runtime.cpu_sparse import ensure_library
+from runtime.kernel_cache import ensure_library
 build, marker, release = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 def fake(staging):
     (staging / "lock").touch()
@@ -83,9 +84,9 @@ def test_killed_build_leaves_nothing_that_blocks(tmp_path, caplog):
     assert list(build.glob("staging-*/lock")) and (build / "lock").exists()
     caplog.set_level(logging.INFO, logger="runtime.cpu_sparse")
     start = time.monotonic()
-    lib, built = cs.ensure_library(build, _fake_build(), timeout_s=10)
+    lib, built = kc.ensure_library(build, _fake_build(), timeout_s=10)
     assert built and time.monotonic() - start < 5  # the dead builder's flock went with it
-    assert cs.verified_library(build) == lib
+    assert kc.verified_library(build) == lib
     assert not list(build.glob("staging-*")) and not (build / "lock").exists()
     text = caplog.text
     assert "left by an interrupted kernel build" in text and "removing stale build lock" in text, text
@@ -102,7 +103,7 @@ def test_concurrent_builders_build_once_and_waiters_say_why(tmp_path, caplog):
     # a third waiter with a short patience gives up, naming the builder, instead of waiting silently forever
     caplog.set_level(logging.INFO, logger="runtime.cpu_sparse")
     with pytest.raises(TimeoutError, match=rf"waiting for another process building the kernel \(pid {builder_pid} "):
-        cs.ensure_library(build, _fake_build(), timeout_s=0.5)
+        kc.ensure_library(build, _fake_build(), timeout_s=0.5)
     assert f"waiting for another process building the kernel (pid {builder_pid} on " in caplog.text
     (tmp_path / "release").touch()
     results = []
@@ -112,7 +113,7 @@ def test_concurrent_builders_build_once_and_waiters_say_why(tmp_path, caplog):
         results.append(json.loads(out))
     assert (tmp_path / "marker").read_text().split() == [str(builder_pid)]  # built once
     assert sorted(r["built"] for r in results) == [False, True]
-    assert results[0]["lib"] == results[1]["lib"] and cs.verified_library(build) == Path(results[0]["lib"])
+    assert results[0]["lib"] == results[1]["lib"] and kc.verified_library(build) == Path(results[0]["lib"])
     waiter = next(e for (p, e), r in zip(((a, a_err), (b, b_err)), results) if not r["built"])
     assert f"(pid {builder_pid} on " in waiter.read_text()
 
@@ -121,9 +122,9 @@ def test_concurrent_builders_build_once_and_waiters_say_why(tmp_path, caplog):
 def test_damaged_library_is_never_loaded_but_rebuilt(tmp_path, caplog, damage):
     build = tmp_path / "ext"
     fake = _fake_build()
-    lib, built = cs.ensure_library(build, fake)
-    assert built and cs.verified_library(build) == lib
-    record = build / cs.LIBRARY_RECORD
+    lib, built = kc.ensure_library(build, fake)
+    assert built and kc.verified_library(build) == lib
+    record = build / kc.LIBRARY_RECORD
     assert json.loads(record.read_text())["bytes"] == 4096
     if damage == "truncated":
         os.truncate(lib, 2048)  # what a killed copy / full disk leaves: dlopen of it dies with SIGBUS
@@ -138,10 +139,10 @@ def test_damaged_library_is_never_loaded_but_rebuilt(tmp_path, caplog, damage):
     else:
         record.write_text('{"library": "fake.so", "bytes": 40')
     caplog.set_level(logging.INFO, logger="runtime.cpu_sparse")
-    assert cs.verified_library(build) is None
+    assert kc.verified_library(build) is None
     assert "rebuilding" in caplog.text
-    lib2, built = cs.ensure_library(build, fake)
-    assert built and len(fake.calls) == 2 and lib2 == lib and cs.verified_library(build) == lib
+    lib2, built = kc.ensure_library(build, fake)
+    assert built and len(fake.calls) == 2 and lib2 == lib and kc.verified_library(build) == lib
     assert lib.stat().st_size == 4096
 
 
@@ -194,9 +195,9 @@ def test_clone_like_checkout_reuses_the_real_kernel(tmp_path):
     ok, why = cs.kernel_available()
     if not ok:
         pytest.skip(f"cpu-sparse kernel unavailable: {why}")
-    assert cs.verified_library(cs.cache_dir()) is not None
+    assert kc.verified_library(cs.cache_dir()) is not None
     # the key recorded at build time: unchanged by the build (cpp_extension.load appends to the flags it gets)
-    assert json.loads((cs.cache_dir() / cs.LIBRARY_RECORD).read_text())["key"] == cs.cache_key()
+    assert json.loads((cs.cache_dir() / kc.LIBRARY_RECORD).read_text())["key"] == cs.cache_key()
     clone = tmp_path / "clone"
     shutil.copytree(ROOT / "runtime", clone / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
     for pkg in ("export", "mrp_pass"):  # runtime imports them lazily; present as a clone would have them
