@@ -303,7 +303,7 @@ def _build() -> str:
     build = cache_dir()
     try:
         lib, built = ensure_library(build, _compile, {"key": cache_key(), "torch": torch.__version__})
-    except TimeoutError:
+    except TimeoutError:  # an OSError too, but it names the builder it waited for: passed on as it is
         raise
     except OSError as e:  # mkdir / open of the lock / writing the library in an unwritable or odd cache
         raise OSError(f"the kernel cache {build} is not usable ({type(e).__name__}: {e}); set MRP_TRT_CACHE to "

@@ -248,10 +248,11 @@ def cuda_event_timer(weight: torch.Tensor, sparse_weight: torch.Tensor, bias: to
         runs: dict[str, Callable] = {}
         with torch.no_grad():
             for v in variants:
+                run = forward(v)
                 try:
-                    forward(v)(x)
+                    run(x)
                     torch.cuda.synchronize()
-                    runs[v] = forward(v)
+                    runs[v] = run
                 except RuntimeError:  # e.g. an algorithm id this cuSPARSELt does not have
                     continue
             t0 = time.perf_counter()
@@ -333,7 +334,6 @@ def autotune(layer_or_weight: nn.Module | torch.Tensor, token_counts: Sequence[i
         missing = [v for v in variants if (*base, v, tokens) not in cache]
         if missing:
             if not made:  # the real timer needs the semi-structured weight: built only when something is timed
-                nonlocal weight, sparse_w
                 sw = sparse_w if sparse_w is not None else to_semi_structured(weight, backend)
                 dense = weight if weight is not None else sw.to_dense()
                 made.append(make_timer(dense.detach(), sw, bias))
